@@ -1,0 +1,223 @@
+"""Terminal commands: the same engine from a shell.
+
+  python main.py                       the desktop app
+  python main.py chat --model DIR      streaming chat with history
+  python main.py generate --model DIR --prompt TEXT [--chat] ...   completion only on stdout
+  python main.py perplexity --model DIR --ids FILE.npy             last line: "perplexity: <value>"
+  python main.py doctor                GPU, driver, CUDA, torch, extension, flash-attn
+
+Errors print as one line on stderr with a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL = 1
+
+
+def _sampler_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--sampler", action="append", default=[], metavar="NAME=VALUE",
+                   help="any sampler from the registry, repeatable")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--stop", action="append", default=[], help="stop string, repeatable")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model folder (EXL2 or fp16/bf16)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--max-seq-len", type=int, default=None, help="context size to allocate")
+    p.add_argument("--backend", default=None, choices=["auto", "torch", "cuda"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kestrel", description="Kestrel: chat with EXL2 language models.")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
+    sub = ap.add_subparsers(dest="command")
+
+    p = sub.add_parser("chat", help="chat in the terminal")
+    _model_args(p)
+    _sampler_args(p)
+    p.add_argument("--system", default=None, help="system prompt")
+
+    p = sub.add_parser("generate", help="complete one prompt")
+    _model_args(p)
+    _sampler_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--system", default=None)
+
+    p = sub.add_parser("perplexity", help="score rows of token ids")
+    _model_args(p)
+    p.add_argument("--ids", required=True, help=".npy file with a 2-D integer array, one row per sample")
+
+    sub.add_parser("doctor", help="what this machine can run")
+    return ap
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from app.engine.types import GenerationSettings
+
+    samplers: dict[str, Any] = {"temperature": 0.8}
+    for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"):
+        v = getattr(args, name)
+        if v is not None:
+            samplers[name] = v
+    for item in args.sampler:
+        name, sep, value = item.partition("=")
+        if not sep:
+            from app.engine.errors import GenerationError
+            raise GenerationError(f"--sampler {item!r} must look like NAME=VALUE")
+        samplers[name.strip().replace("-", "_")] = value.strip()
+    return GenerationSettings(max_new_tokens=args.max_new_tokens, samplers=samplers, seed=args.seed,
+                              stop_strings=list(args.stop))
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from app.engine.session import Engine
+
+    return Engine.load(args.model, args.device, max_seq_len=args.max_seq_len, backend=args.backend)
+
+
+def _stats(chunk: Any) -> str:
+    return (f"[{chunk.prompt_tokens} prompt tokens at {chunk.prefill_tokens_per_second:.1f} tok/s, "
+            f"{chunk.generated_tokens} new at {chunk.tokens_per_second:.1f} tok/s, {chunk.finish_reason}]")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    engine = _load(args)
+    settings = _settings(args)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        stream = engine.stream_chat(messages + [{"role": "user", "content": args.prompt}], settings)
+    else:
+        stream = engine.stream_text(args.prompt, settings)
+    last = None
+    for chunk in stream:
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        last = chunk
+    sys.stdout.write("\n")
+    if last is not None:
+        print(_stats(last), file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    engine = _load(args)
+    settings = _settings(args)
+    info = engine.info
+    print(f"Kestrel chat: {info.name} ({info.architecture}, {info.backend} on {info.device}). "
+          "Commands: /reset, /quit. Ctrl+C stops a reply.", file=sys.stderr)
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            return 0
+        if text == "/reset":
+            history = history[:1] if args.system else []
+            print("(history cleared)", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": text})
+        reply, last = [], None
+        sys.stdout.write("assistant> ")
+        try:
+            for chunk in engine.stream_chat(history, settings):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+                reply.append(chunk.text)
+                last = chunk
+        except KeyboardInterrupt:
+            engine.cancel()
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(reply)})
+        if last is not None:
+            print(_stats(last), file=sys.stderr)
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from app.engine.errors import KestrelError
+
+    try:
+        arr = np.load(args.ids, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise KestrelError(f"cannot be read as a .npy array ({e})", path=args.ids,
+                           hint="Give a .npy file holding a 2-D integer array.") from e
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.dtype.kind not in "iu" or arr.shape[1] < 2:
+        raise KestrelError(f"holds a {arr.dtype} array of shape {arr.shape}", path=args.ids,
+                           hint="Give a 2-D integer array with at least 2 tokens per row.")
+    engine = _load(args)
+    vocab = engine.model.config.vocab_size
+    if arr.min() < 0 or arr.max() >= vocab:
+        raise KestrelError(f"has token ids outside 0..{vocab - 1}", path=args.ids,
+                           hint="The ids belong to another tokenizer.")
+    rows = arr.astype("int64").tolist()
+    t0 = time.perf_counter()
+    ppl = engine.generator.perplexity(rows)
+    print(f"rows: {len(rows)} x {arr.shape[1]} tokens, {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    print(f"perplexity: {ppl:.4f}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from app.engine.doctor import report
+
+    for key, value in report():
+        print(f"{key:>18}: {value}")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "perplexity": cmd_perplexity, "doctor": cmd_doctor}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("--self-test") or argv[0] in ("--gui",):
+        from app.ui.app import run
+
+        return run(argv)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.command is None:
+        build_parser().print_help()
+        return EXIT_USER_ERROR
+    from app.engine.errors import KestrelError
+
+    try:
+        return COMMANDS[args.command](args)
+    except KestrelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - last line of defence: one line, never a traceback
+        if os.environ.get("KESTREL_DEBUG"):
+            raise
+        print(f"error: unexpected {type(e).__name__}: {e} (set KESTREL_DEBUG=1 for details)", file=sys.stderr)
+        return EXIT_INTERNAL

@@ -1,0 +1,91 @@
+"""Compute backends: the seam between the model definition and the kernels that run it.
+
+TorchBackend is the reference path: plain PyTorch, runs on CPU and GPU. A faster backend (our CUDA
+extension) subclasses it and overrides the operations it accelerates; the model calls only these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .exl2 import Exl2Tensors
+
+
+@dataclass
+class Linear:
+    """One linear layer as loaded: dense weight and/or EXL2 tensors, plus an optional bias."""
+
+    name: str
+    in_features: int
+    out_features: int
+    weight: torch.Tensor | None = None  # (out, in), compute dtype
+    bias: torch.Tensor | None = None
+    exl2: Exl2Tensors | None = None
+    bits_per_weight: float | None = None  # for EXL2 layers: stored bits / weights
+
+
+class TorchBackend:
+    """Pure-PyTorch kernels. EXL2 layers are dequantized once at load into dense weights."""
+
+    name = "torch"
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.device = device
+        self.dtype = dtype
+        self._gqa = "enable_gqa" in F.scaled_dot_product_attention.__doc__  # torch >= 2.5
+
+    def prepare_linear(self, lin: Linear) -> Linear:
+        if lin.exl2 is not None and lin.weight is None:
+            lin.weight = lin.exl2.dequantize(lin.in_features, lin.out_features)
+            if lin.exl2.bias is not None:
+                lin.bias = lin.exl2.bias
+            lin.exl2 = None
+        assert lin.weight is not None
+        lin.weight = lin.weight.to(device=self.device, dtype=self.dtype)
+        if lin.bias is not None:
+            lin.bias = lin.bias.to(device=self.device, dtype=self.dtype)
+        return lin
+
+    def dequantized_weight(self, lin: Linear) -> torch.Tensor:
+        if lin.exl2 is not None:
+            return lin.exl2.dequantize(lin.in_features, lin.out_features)
+        assert lin.weight is not None
+        return lin.weight.to(torch.float16)
+
+    def linear(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:
+        return F.linear(x, lin.weight, lin.bias)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return (y * weight.float()).to(x.dtype)
+
+    def mlp_act(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.silu(gate) * up
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        """q: (B, T, H, D); k, v: (B, S, Hkv, D) holding positions 0..S-1, where S = start + T.
+
+        Query t sits at position start + t and attends to keys 0..start + t.
+        """
+        b, t, h, d = q.shape
+        s, hkv = k.shape[1], k.shape[2]
+        qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        kwargs = {}
+        if hkv != h:
+            if self._gqa:
+                kwargs["enable_gqa"] = True
+            else:
+                kh = kh.repeat_interleave(h // hkv, dim=1)
+                vh = vh.repeat_interleave(h // hkv, dim=1)
+        if t == 1:
+            out = F.scaled_dot_product_attention(qh, kh, vh, **kwargs)
+        elif start == 0 and s == t:
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, **kwargs)
+        else:
+            mask = (torch.arange(t, device=q.device)[:, None] + start) >= torch.arange(s, device=q.device)[None, :]
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, **kwargs)
+        return out.transpose(1, 2).reshape(b, t, h * d)

@@ -1,0 +1,201 @@
+"""The one generator: prefill + incremental decode over a KV cache, streamed as text chunks.
+
+Used alike by the CLI, the GUI and the server. Prompt caching: the cache remembers which token ids
+it holds, and a new request reuses the longest common prefix, so turn N+1 of a chat only prefills
+the new tokens. Long prompts are prefilled in chunks; cancel() is honoured between chunks and
+between decode steps.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import torch
+
+from .cache import KVCache
+from .errors import GenerationError, OutOfMemoryError
+from .model import Transformer
+from .samplers import SamplerContext, sample, validate_settings
+from .tokenizer import StopStringMatcher, Tokenizer
+from .types import Chunk, GenerationSettings
+
+DEFAULT_CHUNK = 2048
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Generator:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int | None = None,
+                 cache_mode: str = "fp16", prefill_chunk: int = DEFAULT_CHUNK) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        default = 4096 if model.device.type == "cpu" else 8192
+        self.max_seq_len = int(max_seq_len or min(model.config.max_position_embeddings, default))
+        self.cache_mode = cache_mode
+        self.prefill_chunk = prefill_chunk
+        self._cache: KVCache | None = None
+        self._cached_ids: list[int] = []
+        self._cancel = threading.Event()
+        self._lock = threading.Lock()
+
+    # --- control -------------------------------------------------------------------------------
+
+    def cancel(self) -> None:
+        """Ask the running generation to stop; safe from any thread."""
+        self._cancel.set()
+
+    @property
+    def cache(self) -> KVCache:
+        if self._cache is None:
+            try:
+                self._cache = self.model.allocate_cache(self.max_seq_len, mode=self.cache_mode)
+            except torch.cuda.OutOfMemoryError as e:
+                raise OutOfMemoryError(
+                    f"the KV cache for {self.max_seq_len} tokens does not fit in GPU memory",
+                    hint="Load the model with a smaller context or a quantized (Q4) cache.") from e
+        return self._cache
+
+    def reset_cache(self) -> None:
+        self._cached_ids = []
+        if self._cache is not None:
+            self._cache.reset()
+
+    # --- core ----------------------------------------------------------------------------------
+
+    def _prefill(self, ids: list[int]) -> torch.Tensor:
+        """Bring the cache to hold `ids`, reusing the cached prefix; return last-position logits."""
+        cache = self.cache
+        keep = common_prefix(self._cached_ids, ids)
+        if keep == len(ids):
+            keep -= 1  # recompute the last token to get its logits
+        cache.truncate(keep)
+        self._cached_ids = self._cached_ids[:keep]
+        logits = None
+        pos = keep
+        while pos < len(ids):
+            if self._cancel.is_set():
+                return None  # type: ignore[return-value]
+            end = min(pos + self.prefill_chunk, len(ids))
+            chunk = torch.tensor([ids[pos:end]], device=self.model.device)
+            logits = self.model.forward(chunk, cache, pos, last_only=True)
+            self._cached_ids.extend(ids[pos:end])
+            pos = end
+        assert logits is not None
+        return logits[0, -1]
+
+    def stream(self, prompt_ids: list[int], settings: GenerationSettings | None = None) -> Iterator[Chunk]:
+        """Generate from token ids, yielding text chunks; the last chunk carries finish_reason."""
+        settings = settings or GenerationSettings()
+        samplers = validate_settings(settings.samplers)
+        if not prompt_ids:
+            raise GenerationError("the prompt is empty")
+        budget = self.max_seq_len - len(prompt_ids)
+        if budget <= 0:
+            raise GenerationError(
+                f"the prompt has {len(prompt_ids)} tokens, the context holds {self.max_seq_len}",
+                hint="Shorten the conversation or load the model with a longer context.")
+        max_new = max(0, min(settings.max_new_tokens, budget))
+        with self._lock:
+            self._cancel.clear()
+            yield from self._run(list(prompt_ids), settings, samplers, max_new)
+
+    def _run(self, ids: list[int], settings: GenerationSettings, samplers: dict, max_new: int) -> Iterator[Chunk]:
+        gen = None
+        if settings.seed is not None:
+            gen = torch.Generator().manual_seed(int(settings.seed))
+        decoder = self.tokenizer.stream_decoder()
+        stops = StopStringMatcher(list(settings.stop_strings))
+        eos = self.tokenizer.eos_ids if settings.stop_on_eos else frozenset()
+        n_prompt = len(ids)
+        t0 = time.perf_counter()
+        try:
+            logits = self._prefill(ids)
+        except torch.cuda.OutOfMemoryError as e:
+            raise OutOfMemoryError("the GPU ran out of memory while reading the prompt",
+                                   hint="Use a smaller context, a lower-bpw model or a Q4 cache.") from e
+        t_prefill = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        generated: list[int] = []
+        history = torch.tensor(ids, dtype=torch.int64)
+        reason = None
+
+        def chunk(text: str, new: list[int], finish: str | None) -> Chunk:
+            return Chunk(text, new, n_prompt, len(generated), t_prefill, time.perf_counter() - t1, finish)
+
+        if logits is None:
+            yield chunk("", [], "cancelled")
+            return
+        while True:
+            if len(generated) >= max_new:
+                reason = "length"
+                break
+            if self._cancel.is_set():
+                reason = "cancelled"
+                break
+            ctx = SamplerContext(history=history, generated_start=n_prompt, settings=samplers)
+            token = sample(logits, samplers, ctx, gen)
+            if token in eos:
+                reason = "stop"
+                break
+            generated.append(token)
+            history = torch.cat([history, torch.tensor([token])])
+            text, stopped = stops.feed(decoder.feed(token))
+            if stopped:
+                yield chunk(text, [token], "stop")
+                return
+            if text:
+                yield chunk(text, [token], None)
+            if len(generated) >= max_new or self._cancel.is_set():
+                continue
+            pos = len(self._cached_ids)
+            try:
+                logits = self.model.forward(torch.tensor([[token]], device=self.model.device),
+                                            self.cache, pos)[0, -1]
+            except torch.cuda.OutOfMemoryError as e:
+                raise OutOfMemoryError("the GPU ran out of memory mid-reply",
+                                       hint="Use a smaller context, a lower-bpw model or a Q4 cache.") from e
+            self._cached_ids.append(token)
+        tail, stopped = stops.feed(decoder.flush())
+        if not stopped:
+            tail += stops.flush()
+        yield chunk(tail, [], "stop" if stopped else reason)
+
+    def generate(self, prompt_ids: list[int], settings: GenerationSettings | None = None) -> tuple[str, Chunk]:
+        """Run to completion; return the whole text and the final chunk (counts, timings, reason)."""
+        parts = []
+        last = None
+        for c in self.stream(prompt_ids, settings):
+            parts.append(c.text)
+            last = c
+        assert last is not None
+        return "".join(parts), last
+
+    # --- scoring -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def perplexity(self, rows: list[list[int]]) -> float:
+        """exp(mean negative log-likelihood) over all predicted tokens, each row scored on its own."""
+        total_nll, total_tokens = 0.0, 0
+        for row in rows:
+            cache = self.cache
+            cache.reset()
+            self._cached_ids = []
+            ids = torch.tensor([row], device=self.model.device)
+            logits = []
+            for pos in range(0, len(row), self.prefill_chunk):
+                logits.append(self.model.forward(ids[:, pos: pos + self.prefill_chunk], cache, pos)[0])
+            lg = torch.cat(logits)[:-1]
+            logp = torch.log_softmax(lg.float(), dim=-1)
+            target = ids[0, 1:]
+            total_nll -= logp.gather(1, target[:, None]).sum().item()
+            total_tokens += len(row) - 1
+            cache.reset()
+        return float(torch.exp(torch.tensor(total_nll / total_tokens)))

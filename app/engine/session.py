@@ -1,0 +1,88 @@
+"""Engine: a loaded model with its tokenizer, chat template and generator — the public face of the
+engine for the CLI, the GUI and the server.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Iterator
+
+import torch
+
+from .chat_template import ChatTemplate
+from .generator import Generator
+from .loader import Progress, load_model
+from .model import Transformer
+from .tokenizer import Tokenizer
+from .types import Chunk, GenerationSettings, ModelInfo
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, template: ChatTemplate,
+                 generator: Generator) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template
+        self.generator = generator
+
+    @classmethod
+    def load(cls, path: str, device: str | None = "auto", *, max_seq_len: int | None = None,
+             cache_mode: str = "fp16", backend: str | None = None, progress: Progress | None = None) -> Engine:
+        tokenizer = Tokenizer.from_folder(path)
+        template = ChatTemplate.from_folder(path, tokenizer)
+        model = load_model(path, device, backend=backend, progress=progress)
+        return cls(model, tokenizer, template, Generator(model, tokenizer, max_seq_len, cache_mode))
+
+    @property
+    def info(self) -> ModelInfo:
+        c = self.model.config
+        q = c.quant
+        return ModelInfo(
+            name=os.path.basename(os.path.normpath(self.model.path)),
+            path=self.model.path,
+            architecture=c.architecture,
+            parameters=self.model.parameter_count(),
+            bits_per_weight=q.bits if q else None,
+            head_bits=q.head_bits if q else None,
+            backend=self.model.backend.name,
+            device=str(self.model.device),
+            max_seq_len=self.generator.max_seq_len,
+        )
+
+    # --- chat ----------------------------------------------------------------------------------
+
+    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+        text = self.template.render(messages, add_generation_prompt=True)
+        return self.tokenizer.encode(text, special=True)
+
+    def count_chat_tokens(self, messages: list[dict]) -> int:
+        return len(self.chat_prompt_ids(messages))
+
+    def _with_template_stops(self, settings: GenerationSettings) -> GenerationSettings:
+        extra = [s for s in self.template.stop_strings() if s not in settings.stop_strings]
+        if not extra:
+            return settings
+        return GenerationSettings(settings.max_new_tokens, dict(settings.samplers), settings.seed,
+                                  list(settings.stop_strings) + extra, settings.stop_on_eos)
+
+    def stream_chat(self, messages: list[dict], settings: GenerationSettings | None = None) -> Iterator[Chunk]:
+        settings = self._with_template_stops(settings or GenerationSettings())
+        return self.generator.stream(self.chat_prompt_ids(messages), settings)
+
+    def stream_text(self, prompt: str, settings: GenerationSettings | None = None) -> Iterator[Chunk]:
+        ids = self.tokenizer.encode(prompt, add_bos=self.tokenizer.add_bos_token, special=True)
+        return self.generator.stream(ids, settings or GenerationSettings())
+
+    def cancel(self) -> None:
+        self.generator.cancel()
+
+    def unload(self) -> None:
+        """Drop every reference to weights and cache so memory returns to the system."""
+        self.generator.cancel()
+        self.generator._cache = None
+        self.model = None  # type: ignore[assignment]
+        self.generator.model = None  # type: ignore[assignment]
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

