@@ -73,3 +73,17 @@ def smollm2_fp16_dir() -> str:
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def smollm2_exl2_mixed(smollm2_fp16_dir: str) -> str:
+    from tests.exl2_fixtures import build
+
+    return build(smollm2_fp16_dir, cache_root(), "mixed")
+
+
+@pytest.fixture(scope="session")
+def smollm2_exl2_q8(smollm2_fp16_dir: str) -> str:
+    from tests.exl2_fixtures import build
+
+    return build(smollm2_fp16_dir, cache_root(), "q8")

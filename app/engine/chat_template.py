@@ -19,7 +19,7 @@ from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from app.engine.errors import TokenizerError
-from app.engine.tokenizer import Tokenizer, _read_json
+from app.engine.tokenizer import Tokenizer, read_json
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
@@ -212,11 +212,11 @@ class ChatTemplate:
                                      hint="Re-download this file or delete it.") from exc
             return cls(text, tokenizer, origin=str(jinja_file))
         for file in (root / "chat_template.json", root / "tokenizer_config.json"):
-            data = _read_json(file)
+            data = read_json(file)
             if data and data.get("chat_template"):
                 source, named = _pick_named(data["chat_template"], str(file))
                 return cls(source, tokenizer, origin=str(file), tool_source=named.get("tool_use"))
-        model_cfg = _read_json(root / "config.json") or {}
+        model_cfg = read_json(root / "config.json") or {}
         return cls.builtin(guess_builtin(tokenizer, str(model_cfg.get("model_type") or "")), tokenizer)
 
     @classmethod

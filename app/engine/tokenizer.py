@@ -38,7 +38,7 @@ END_OF_TURN_TOKENS: tuple[str, ...] = (
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
-def _read_json(path: Path, *, required: bool = False) -> dict[str, Any] | None:
+def read_json(path: Path, *, required: bool = False) -> dict[str, Any] | None:
     """Read an optional JSON config file; a present but broken file is an error, not a silent default."""
     if not path.is_file():
         if required:
@@ -133,6 +133,10 @@ class Tokenizer:
         added = hf.get_added_tokens_decoder()
         self.special_ids: frozenset[int] = frozenset(i for i, t in added.items() if t.special)
         self.added_tokens: dict[str, int] = {t.content: i for i, t in added.items()}
+        # SentencePiece byte-fallback pieces (<0xE4>): the decoder judges a whole run of them at once.
+        self.byte_piece_ids: frozenset[int] = frozenset(
+            i for piece, i in hf.get_vocab(with_added_tokens=False).items() if _BYTE_PIECE.match(piece)
+        ) if kind == "sentencepiece" else frozenset()
 
     # ----------------------------------------------------------------------------------- loading
     @classmethod
@@ -150,7 +154,7 @@ class Tokenizer:
                 f"no tokenizer.json in this model folder{extra}", path=str(root),
                 hint="Download tokenizer.json from the original (unquantized) model's repository into "
                      "this folder.")
-        spec = _read_json(tok_path, required=True)
+        spec = read_json(tok_path, required=True)
         assert spec is not None
         try:
             hf = HFTokenizer.from_str(json.dumps(spec))
@@ -159,10 +163,10 @@ class Tokenizer:
                 f"could not be loaded by the tokenizers library ({exc})", path=str(tok_path),
                 hint="Re-download tokenizer.json, or update the `tokenizers` package.") from exc
 
-        tok_cfg = _read_json(root / "tokenizer_config.json") or {}
-        special_map = _read_json(root / "special_tokens_map.json") or {}
-        gen_cfg = _read_json(root / "generation_config.json") or {}
-        model_cfg = _read_json(root / "config.json") or {}
+        tok_cfg = read_json(root / "tokenizer_config.json") or {}
+        special_map = read_json(root / "special_tokens_map.json") or {}
+        gen_cfg = read_json(root / "generation_config.json") or {}
+        model_cfg = read_json(root / "config.json") or {}
 
         def token_str(key: str) -> str | None:
             return _token_content(tok_cfg.get(key)) or _token_content(special_map.get(key))
@@ -280,6 +284,8 @@ class StreamDecoder:
     It decodes a small sliding window of ids twice (with and without the newest ones) and emits the
     difference, so SentencePiece's "strip the first ▁" rule and byte-level merges behave as in a full
     decode; text that ends in U+FFFD is held back because the next token may complete the character.
+    A run of SentencePiece byte pieces is held until it ends: the ByteFallback decoder turns the whole
+    run into U+FFFDs if any of it is invalid, so a valid-looking prefix of the run is not final yet.
     """
 
     def __init__(self, tokenizer: Tokenizer, *, skip_special: bool = True) -> None:
@@ -289,6 +295,7 @@ class StreamDecoder:
         self._prefix = 0  # window start: already-emitted context that fixes leading-space handling
         self._read = 0  # ids before this index have been emitted
         self._emitted: list[str] = []
+        self._in_byte_run = False
 
     def _decode(self, ids: list[int]) -> str:
         return self._tok._hf.decode(ids, skip_special_tokens=self._skip_special)
@@ -297,6 +304,12 @@ class StreamDecoder:
         """Add one id; return the text it completes (possibly "")."""
         self._tok._check_ids([token_id])
         self._ids.append(token_id)
+        if token_id in self._tok.byte_piece_ids:
+            self._in_byte_run = True
+        elif not (self._skip_special and token_id in self._tok.special_ids):  # skipped ids join runs
+            self._in_byte_run = False
+        if self._in_byte_run:
+            return ""
         prefix_text = self._decode(self._ids[self._prefix:self._read])
         full_text = self._decode(self._ids[self._prefix:])
         if (len(full_text) <= len(prefix_text) or full_text.endswith(REPLACEMENT_CHAR)
