@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -318,19 +319,19 @@ def list_branch_files(repo_id: str, revision: str, *, access: HubAccess | None =
 
 def _download_small(repo_id: str, filename: str, revision: str, access: HubAccess) -> str | None:
     """Path of a small file fetched through the HF cache; None if the branch has no such file."""
-    from huggingface_hub import hf_hub_download
     from huggingface_hub import errors as hf
+    from huggingface_hub import hf_hub_download
 
     try:
         return hf_hub_download(repo_id, filename, revision=revision, cache_dir=access.cache_dir,
                                endpoint=access.endpoint, token=access.resolved_token(),
                                local_files_only=access.is_offline)
-    except hf.EntryNotFoundError:
-        return None
-    except hf.LocalEntryNotFoundError as e:
+    except hf.LocalEntryNotFoundError as e:   # before EntryNotFoundError: it is a subclass
         if access.is_offline:
             raise translate(hf.OfflineModeIsEnabled(str(e)), what=f"{repo_id}@{revision}/{filename}") from e
         raise translate(e, what=f"{repo_id}@{revision}/{filename}") from e
+    except hf.EntryNotFoundError:
+        return None
     except Exception as e:  # noqa: BLE001
         raise translate(e, what=f"{repo_id}@{revision}/{filename}", token_used=access.token_in_use()) from e
 
@@ -390,7 +391,11 @@ def list_branches(repo_id: str, *, fetch_configs: bool = True, access: HubAccess
         raise translate(e, what=repo_id, token_used=access.token_in_use()) from e
     if not refs.branches:
         raise HubNotFoundError("the repo has no branches", path=repo_id)
-    infos = [branch_info(repo_id, ref.name, commit=ref.target_commit, fetch_config=fetch_configs, access=access)
-             for ref in refs.branches]
+    def one(ref: Any) -> BranchInfo:
+        return branch_info(repo_id, ref.name, commit=ref.target_commit, fetch_config=fetch_configs, access=access)
+
+    # A repo has ~5-15 branches, each needing a tree listing and a config.json: fetch them side by side.
+    with ThreadPoolExecutor(max_workers=min(8, len(refs.branches))) as pool:
+        infos = list(pool.map(one, refs.branches))
     infos.sort(key=lambda b: (not b.has_weights, -(b.bpw or 0.0), b.name))
     return infos

@@ -88,6 +88,8 @@ class DownloadProgress:
         return self.done / self.total if self.total else 0.0
 
 
+# Called from the download's worker threads (at most ~10 times a second, plus on every state change);
+# a GUI must hand the snapshot over to its own thread (e.g. a queued Qt signal).
 ProgressCallback = Callable[[DownloadProgress], None]
 DiskUsage = Callable[[str], Any]   # shutil.disk_usage-compatible: returns an object with .free
 
@@ -411,7 +413,8 @@ class DownloadJob:
         from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
         hasher = _hasher(f)
-        offset = os.path.getsize(part) if os.path.isfile(part) else 0
+        open(part, "ab").close()   # exists even for an empty file, so the rename after verification works
+        offset = os.path.getsize(part)
         if offset > f.size:
             os.truncate(part, 0)
             offset = 0
@@ -440,14 +443,14 @@ class DownloadJob:
                         os.truncate(part, 0)
                         offset, hasher = 0, _hasher(f)
                         self._update(f.path, done=0)
-                    with open(part, "ab") as out:
-                        for chunk in r.iter_bytes(CHUNK):
+                    with open(part, "ab", buffering=0) as out:   # unbuffered: on-disk size = bytes kept
+                        for chunk in r.iter_bytes():
                             if self._stop.is_set():
                                 raise _Stopped()
                             if offset + len(chunk) > f.size:
                                 chunk = chunk[: f.size - offset]   # never grow past the known size
                             try:
-                                out.write(chunk)
+                                _write_all(out, chunk)
                             except OSError as e:
                                 if e.errno == errno.ENOSPC:
                                     raise DiskFullError("the disk filled up while downloading",
@@ -513,6 +516,12 @@ class DownloadJob:
             eta = (total - done) / speed if speed > 0 else None
             snapshot = DownloadProgress(self.repo_id, self.branch, self.state, done, total, speed, eta, files)
         self.on_progress(snapshot)
+
+
+def _write_all(out: Any, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[out.write(view):]
 
 
 def _gb(n: int) -> str:

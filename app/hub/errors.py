@@ -52,7 +52,11 @@ def translate(exc: BaseException, *, what: str, token_used: bool = False) -> Hub
         return HubOfflineError("offline mode is on, so the Hub cannot be reached", path=what,
                                hint="Turn offline mode off (or unset HF_HUB_OFFLINE) to browse and download.")
     if isinstance(exc, hf.GatedRepoError):
-        return HubAuthError("this repo is gated: its owner requires you to accept its conditions", path=what,
+        if token_used:
+            return HubAuthError("the Hub refused your token for this gated repo", path=what,
+                                hint="Accept the repo's conditions on huggingface.co with the account that owns "
+                                     "the token, and check the token in Settings > Hugging Face has read access.")
+        return HubAuthError("this repo is gated and needs a Hugging Face token", path=what,
                             hint="Open the repo page on huggingface.co, accept the conditions, then add a "
                                  "read token in Settings > Hugging Face.")
     if isinstance(exc, hf.RevisionNotFoundError):

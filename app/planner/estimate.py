@@ -1,0 +1,228 @@
+"""VRAM estimate for running a model: one function, one documented formula per term.
+
+    total = weights + kv_cache + activations + attention_scores + logits + cuda_context + allocator
+
+weights           Exact tensor bytes from the folder's safetensors headers, or the branch's file sizes on
+                  the Hub (slight overestimate: each file's header is counted too), or parameters x bpw
+                  for a planned quantization (see weights.quantized_weight_bytes).
+kv_cache          app.engine.cache.kv_bytes_per_token(config, cache_mode) x context x batch: the engine's
+                  own formula, not restated here.
+activations       Scratch for one prefill chunk of c = min(chunk_size, context) tokens, fp16 (2 bytes):
+                  batch x c x 2 x (2*hidden [residual, normed] + 2*q_dim [q, attention output]
+                  + 2*kv_dim [new k, v] + 3*intermediate [gate, up, gate*up]).
+attention_scores  One chunk's queries against the whole context: batch x num_heads x c x context x
+                  Overheads.scores_bytes (fp16). This is what PyTorch's math attention path materialises;
+                  flash / memory-efficient kernels do not, so calibration may set scores_bytes to 0.
+logits            batch x c x vocab x 4 bytes (fp32 logits for every position of a chunk: the worst case,
+                  as in perplexity evaluation; chat prefill keeps only the last position's).
+cuda_context      Overheads.cuda_context_bytes: the CUDA context, cuBLAS workspaces and loaded kernels.
+allocator         Overheads.allocator_fraction x (all tensor terms above) + Overheads.allocator_fixed_bytes:
+                  the caching allocator's block rounding and fragmentation.
+
+The three overhead constants are approximate and meant to be calibrated on a real GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from app.engine.config import ModelConfig
+from app.engine.errors import ConfigError
+
+from .errors import PlannerError
+from .weights import ParamCounts, folder_tensor_bytes, param_counts, quantized_weight_bytes
+
+MIB = 1024 ** 2
+GIB = 1024 ** 3
+MAX_CONTEXT_SEARCH = 1 << 24   # 16M tokens: an upper bound for the inverse search, far above any model
+
+
+@dataclass(frozen=True)
+class Overheads:
+    """Approximate constants (to be calibrated on the device)."""
+
+    cuda_context_bytes: int = 512 * MIB    # torch's CUDA context + cuBLAS workspace is ~0.3-0.6 GiB
+    allocator_fraction: float = 0.03       # caching-allocator rounding / fragmentation
+    allocator_fixed_bytes: int = 64 * MIB
+    scores_bytes: int = 2                  # bytes per materialised attention score (fp16); 0 = flash
+
+
+DEFAULT_OVERHEADS = Overheads()
+
+
+def _cache_module() -> Any:
+    """app.engine.cache imports torch; loading it on first estimate keeps `import app.planner` light
+    (the GUI reads GPUs and lists models long before anything needs torch)."""
+    from app.engine import cache
+
+    return cache
+
+
+def cache_modes() -> tuple[str, ...]:
+    """Cache modes from least to most compressed (fp16, q8, q6, q4)."""
+    return tuple(_cache_module().CACHE_MODES)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the planner needs to know about one model (or one quantization branch of it)."""
+
+    name: str
+    config: ModelConfig
+    weight_bytes: int
+    source: str                     # "safetensors headers" | "file sizes" | "parameters x bpw"
+    bpw: float | None = None        # EXL2 bits per weight of the layers; None = not quantized
+    head_bits: int | None = None
+
+    @property
+    def params(self) -> ParamCounts:
+        return param_counts(self.config)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """The EXL2 bpw, or for unquantized weights the stored bits per parameter (16 for fp16)."""
+        if self.bpw is not None:
+            return self.bpw
+        return self.weight_bytes * 8 / max(1, self.params.total)
+
+
+def _config(config: dict[str, Any] | ModelConfig, source: str) -> ModelConfig:
+    return config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config, path=source)
+
+
+def spec_from_folder(path: str) -> ModelSpec:
+    """A local model folder: geometry from config.json, weights exactly from the safetensors headers."""
+    config = ModelConfig.from_folder(path)
+    quant = config.quant
+    return ModelSpec(os.path.basename(os.path.normpath(path)), config, folder_tensor_bytes(path),
+                     "safetensors headers", quant.bits if quant else None, quant.head_bits if quant else None)
+
+
+def spec_from_files(config: dict[str, Any] | ModelConfig, file_sizes: dict[str, int],
+                    name: str = "") -> ModelSpec:
+    """A Hub branch not yet downloaded: config.json's contents and the branch's {filename: size}."""
+    cfg = _config(config, f"{name or 'branch'}/config.json")
+    sizes = [size for fname, size in file_sizes.items() if fname.endswith(".safetensors")]
+    if not sizes:
+        raise PlannerError("lists no .safetensors files", path=name or "branch",
+                           hint="Kestrel runs safetensors models; pick another branch or repository.")
+    if any(not isinstance(s, int) or s < 0 for s in sizes):
+        raise PlannerError("has a weight file of unknown or negative size", path=name or "branch",
+                           hint="Refresh the repository's file list.")
+    quant = cfg.quant
+    return ModelSpec(name, cfg, sum(sizes), "file sizes", quant.bits if quant else None,
+                     quant.head_bits if quant else None)
+
+
+def spec_from_params(config: dict[str, Any] | ModelConfig, bpw: float, head_bits: int = 6,
+                     name: str = "") -> ModelSpec:
+    """A quantization that does not exist yet (the quantize wizard): parameter counts x target bpw."""
+    if not 1.0 <= bpw <= 16.0:
+        raise PlannerError(f"target bits per weight {bpw} is outside 1..16", hint="EXL2 uses about 2 to 8 bpw.")
+    if not 2 <= head_bits <= 16:
+        raise PlannerError(f"head bits {head_bits} is outside 2..16", hint="Use 6 or 8 (16 = unquantized).")
+    cfg = _config(config, f"{name or 'model'}/config.json")
+    return ModelSpec(name or f"{bpw:g} bpw", cfg, quantized_weight_bytes(cfg, bpw, head_bits),
+                     "parameters x bpw", float(bpw), int(head_bits))
+
+
+def spec_from_config_file(path: str, file_sizes: dict[str, int], name: str = "") -> ModelSpec:
+    """spec_from_files with config.json read from disk (e.g. fetched from a Hub branch)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot be read as JSON ({e})", path=path) from e
+    return spec_from_files(raw, file_sizes, name)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    model: ModelSpec
+    context: int
+    cache_mode: str
+    chunk_size: int
+    batch: int
+    weights: int
+    kv_cache: int
+    activations: int
+    attention_scores: int
+    logits: int
+    cuda_context: int
+    allocator: int
+    overheads: Overheads = field(default=DEFAULT_OVERHEADS, repr=False)
+
+    TERMS = ("weights", "kv_cache", "activations", "attention_scores", "logits", "cuda_context", "allocator")
+
+    def terms(self) -> dict[str, int]:
+        """Bytes per term, in display order."""
+        return {name: getattr(self, name) for name in self.TERMS}
+
+    @property
+    def total(self) -> int:
+        return sum(self.terms().values())
+
+
+def estimate(model: ModelSpec, context: int, cache_mode: str, chunk_size: int = 2048, batch: int = 1,
+             overheads: Overheads = DEFAULT_OVERHEADS) -> Estimate:
+    """Bytes of GPU memory to run `model` with a cache of `context` tokens (formulas: module docstring)."""
+    cache = _cache_module()
+    if cache_mode not in cache.CACHE_MODES:
+        raise PlannerError(f"unknown cache mode {cache_mode!r}", hint=f"Use one of {', '.join(cache.CACHE_MODES)}.")
+    for label, value in (("context", context), ("chunk size", chunk_size), ("batch", batch)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise PlannerError(f"{label} must be a whole number of at least 1, not {value!r}")
+    c = model.config
+    chunk = min(chunk_size, context)
+    kv = cache.kv_bytes_per_token(c, cache_mode) * context * batch
+    activations = batch * chunk * 2 * (2 * c.hidden_size + 2 * c.q_dim + 2 * c.kv_dim + 3 * c.intermediate_size)
+    scores = batch * c.num_heads * chunk * context * overheads.scores_bytes
+    logits = batch * chunk * c.vocab_size * 4
+    tensors = model.weight_bytes + kv + activations + scores + logits
+    allocator = int(tensors * overheads.allocator_fraction) + overheads.allocator_fixed_bytes
+    return Estimate(model, context, cache_mode, chunk_size, batch, model.weight_bytes, kv, activations, scores,
+                    logits, overheads.cuda_context_bytes, allocator, overheads)
+
+
+def max_context(model: ModelSpec, free_bytes: int, cache_mode: str, chunk_size: int = 2048, batch: int = 1,
+                overheads: Overheads = DEFAULT_OVERHEADS, limit: int | None = None) -> int:
+    """The largest context whose estimate fits in `free_bytes` (0 if not even one token fits).
+
+    Bisection over the forward estimate (which grows with context), so the two never disagree.
+    `limit` caps the answer (e.g. the model's max_position_embeddings).
+    """
+    def fits(n: int) -> bool:
+        return estimate(model, n, cache_mode, chunk_size, batch, overheads).total <= free_bytes
+
+    top = MAX_CONTEXT_SEARCH if limit is None else max(0, limit)
+    if top < 1 or not fits(1):
+        return 0
+    if fits(top):
+        return top
+    lo, hi = 1, 2                  # invariant once set: fits(lo), not fits(hi)
+    while hi < top and fits(hi):
+        lo, hi = hi, min(hi * 2, top)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def best_branch(branches: list[tuple[str, ModelSpec]], free_bytes: int, context: int, cache_mode: str,
+                chunk_size: int = 2048, batch: int = 1, overheads: Overheads = DEFAULT_OVERHEADS
+                ) -> tuple[str, ModelSpec] | None:
+    """The branch with the highest bits per weight that fits (smaller download on ties); None if none."""
+    fitting = [(name, spec) for name, spec in branches
+               if estimate(spec, context, cache_mode, chunk_size, batch, overheads).total <= free_bytes]
+    if not fitting:
+        return None
+    return max(fitting, key=lambda b: (b[1].bits_per_weight, -b[1].weight_bytes))
+
+
+def with_bpw(model: ModelSpec, bpw: float) -> ModelSpec:
+    """The same model planned at another EXL2 bpw (keeps its head bits, 6 for unquantized models)."""
+    head_bits = model.head_bits if model.head_bits is not None else 6
+    return replace(spec_from_params(model.config, bpw, head_bits, name=f"{bpw:g} bpw"), name=f"{bpw:g} bpw")
