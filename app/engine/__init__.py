@@ -25,7 +25,8 @@ _LAZY = {
     "ModelInfo": ("types", "ModelInfo"),
 }
 
-__all__ = ["errors", "KestrelError", *_LAZY]
+__all__ = ["errors", "KestrelError", "load_model", "Engine", "SAMPLERS", "Chunk", "GenerationSettings",
+           "ModelInfo"]
 
 
 def __getattr__(name: str) -> Any:

@@ -125,15 +125,7 @@ class ModelConfig:
         if not isinstance(kv_heads, int) or heads % kv_heads:
             raise ConfigError(f"num_key_value_heads={kv_heads!r} does not divide num_attention_heads={heads}",
                               path=path)
-        rope_scaling = raw.get("rope_scaling")
-        if rope_scaling is not None:
-            if not isinstance(rope_scaling, dict):
-                raise ConfigError("rope_scaling must be an object or null", path=path)
-            kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-            if kind not in ROPE_TYPES:
-                raise ConfigError(f"rope_scaling type {kind!r} is not supported", path=path,
-                                  hint=f"Supported: {', '.join(ROPE_TYPES)}.")
-            rope_scaling = {**rope_scaling, "rope_type": kind}
+        rope_scaling, rope_theta = _rope_settings(raw, path)
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
         quant = None
@@ -151,7 +143,7 @@ class ModelConfig:
             head_dim=head_dim,
             vocab_size=need("vocab_size"),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(raw.get("rope_theta", 10000.0)),
+            rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", traits.default_tie_embeddings)),
@@ -159,7 +151,40 @@ class ModelConfig:
             mlp_bias=bool(raw.get("mlp_bias", False)),
             bos_token_id=raw.get("bos_token_id") if isinstance(raw.get("bos_token_id"), int) else None,
             eos_token_ids=eos_ids,
-            torch_dtype=str(raw.get("torch_dtype", "float16")),
+            torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float16"),
             quant=quant,
             raw=raw,
         )
+
+
+def _rope_settings(raw: dict[str, Any], path: str) -> tuple[dict[str, Any] | None, float]:
+    """(rope scaling dict or None for plain RoPE, rope_theta) from either config.json layout.
+
+    transformers < 5 writes `rope_theta` and `rope_scaling` at the top level; transformers >= 5 writes
+    one `rope_parameters` object holding both (and the theta inside it wins, as in transformers).
+    """
+    scaling = raw.get("rope_scaling")
+    field_name = "rope_scaling"
+    if scaling is None and raw.get("rope_parameters") is not None:
+        scaling, field_name = raw["rope_parameters"], "rope_parameters"
+    if scaling is not None and not isinstance(scaling, dict):
+        raise ConfigError(f"{field_name} must be an object or null", path=path)
+    scaling = dict(scaling or {})
+    if any(isinstance(v, dict) for v in scaling.values()):
+        raise ConfigError(f"{field_name} holds per-layer-type RoPE settings, which Kestrel does not run",
+                          path=path, hint="Kestrel runs models with one RoPE setting for all layers.")
+    theta = scaling.get("rope_theta", raw.get("rope_theta"))
+    theta = 10000.0 if theta is None else theta
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
+        raise ConfigError(f"rope_theta must be a positive number, not {theta!r}", path=path)
+    partial = scaling.get("partial_rotary_factor", raw.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        raise ConfigError(f"partial_rotary_factor={partial!r} is not supported (RoPE on part of each head)",
+                          path=path, hint="Kestrel runs models that rotate the whole head.")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise ConfigError(f"{field_name} type {kind!r} is not supported", path=path,
+                          hint=f"Supported: {', '.join(ROPE_TYPES)}.")
+    if kind == "default":
+        return None, float(theta)
+    return {**scaling, "rope_type": kind}, float(theta)

@@ -47,7 +47,7 @@ def group_scales(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor
 
     # The 4-bit scale codes round each column's ideal scale; search a global stretch p (as the
     # reference does) that minimises the error's 3.5-norm, which favours not clipping the extremes.
-    grid = torch.linspace(P_MIN, P_MAX, P_STEPS)
+    grid = torch.linspace(P_MIN, P_MAX, P_STEPS, device=w.device)  # device-safe: GPU quantizer
     _, cand = scales_for(grid)  # (P, N)
     q = torch.clamp(torch.round(w.unsqueeze(0) / cand.unsqueeze(1) + zero), 0, maxq)
     err = ((q - zero) * cand.unsqueeze(1) - w.unsqueeze(0)).abs().pow(3.5).sum(dim=(1, 2))

@@ -20,11 +20,13 @@ def inv_freq_for(head_dim: int, theta: float, scaling: dict[str, Any] | None,
     kind = (scaling or {}).get("rope_type", "default")
     if kind == "default" or scaling is None:
         return 1.0 / (theta ** base), 1.0
-    factor = float(scaling.get("factor", 1.0))
+    factor = float(scaling.get("factor") or 1.0)
     if kind == "linear":
         return 1.0 / (theta ** base) / factor, 1.0
     if kind == "dynamic":
-        orig = int(scaling.get("original_max_position_embeddings", max_position_embeddings))
+        # Like transformers: the length trained on is max_position_embeddings (an
+        # original_max_position_embeddings inside rope_scaling is not used by this type).
+        orig = max_position_embeddings
         length = max(seq_len or orig, orig)
         if length > orig:
             theta = theta * ((factor * length / orig) - (factor - 1)) ** (head_dim / (head_dim - 2))
@@ -33,7 +35,7 @@ def inv_freq_for(head_dim: int, theta: float, scaling: dict[str, Any] | None,
         inv = 1.0 / (theta ** base)
         low = float(scaling.get("low_freq_factor", 1.0))
         high = float(scaling.get("high_freq_factor", 4.0))
-        orig = int(scaling.get("original_max_position_embeddings", 8192))
+        orig = int(scaling.get("original_max_position_embeddings") or max_position_embeddings)
         low_wavelen, high_wavelen = orig / low, orig / high
         wavelen = 2 * math.pi / inv
         scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
@@ -42,9 +44,11 @@ def inv_freq_for(head_dim: int, theta: float, scaling: dict[str, Any] | None,
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         return torch.where(medium, smoothed, scaled), 1.0
     if kind == "yarn":
-        orig = int(scaling.get("original_max_position_embeddings", max_position_embeddings))
-        beta_fast = float(scaling.get("beta_fast", 32.0))
-        beta_slow = float(scaling.get("beta_slow", 1.0))
+        orig = int(scaling.get("original_max_position_embeddings") or max_position_embeddings)
+        if scaling.get("factor") is None:  # DeepSeek-style configs give only the two lengths
+            factor = max_position_embeddings / orig
+        beta_fast = float(scaling.get("beta_fast") or 32.0)
+        beta_slow = float(scaling.get("beta_slow") or 1.0)
         mscale = scaling.get("mscale")
         mscale_all = scaling.get("mscale_all_dim")
 

@@ -452,6 +452,7 @@ class ChatView(QWidget):
         self._stick = True
         self._stream: MessageWidget | None = None
         self._pending: str | None = None
+        self.max_render_ms = 0.0           # slowest streaming refresh so far (bench/ui_stall.py)
         self._refresh = QTimer(self, singleShot=True, interval=MIN_REFRESH_MS)
         self._refresh.timeout.connect(self._render_pending)
 
@@ -618,6 +619,7 @@ class ChatView(QWidget):
         text, self._pending = self._pending, None
         self._stream.set_stream_text(text)
         spent = self._stream.markdown.last_render_ms
+        self.max_render_ms = max(self.max_render_ms, spent)
         self._refresh.setInterval(int(max(MIN_REFRESH_MS, min(MAX_REFRESH_MS, 4 * spent))))
 
     def end_stream(self, message: Any) -> None:

@@ -279,6 +279,10 @@ class MainWindow(QMainWindow):
         self.chat.composer.edit.setFocus()
 
     def _load_specs(self) -> None:
+        from .markdown_render import warm_up
+        from .theme import PYGMENTS_STYLE
+
+        warm_up(tuple(PYGMENTS_STYLE.values()))
         self._bridge.specs.emit(backend.sampler_specs())
 
     # --- status -------------------------------------------------------------------------------

@@ -94,8 +94,8 @@ def stable_split(text: str) -> int:
             continue
         if line.count("$$") % 2:
             in_math = not in_math
-        if in_math or stripped or i == 0 or i + 1 >= len(lines):
-            continue
+        if in_math or stripped or i == 0 or i + 2 >= len(lines):
+            continue   # (the line after the blank one must be complete to tell a list item apart)
         following = lines[i + 1]
         if following.strip() and not _LIST_OR_INDENT.match(following):
             best = pos
@@ -223,6 +223,16 @@ def _lexer(lang: str):  # noqa: ANN202 - pygments type
         return get_lexer_by_name(lang.lower(), stripnl=False, ensurenl=False) if lang else TextLexer()
     except ClassNotFound:
         return TextLexer()
+
+
+def warm_up(styles: tuple[str, ...], languages: tuple[str, ...] = ("python", "bash", "javascript", "json")) -> None:
+    """Import Pygments' lexers/styles ahead of time (from a background thread at startup), so the
+    first code block of a streaming reply does not stall the GUI on module imports."""
+    for style in styles:
+        _formatter(style)
+    for lang in languages:
+        _lexer(lang)
+    _markdown()
 
 
 def highlight(code: str, lang: str, style: str) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -201,6 +202,10 @@ class EngineClient(QObject):
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
+        # The engine thread holds the GIL between torch ops (sampling, detokenising). With Python's
+        # default 5 ms switch interval the GUI thread can wait several slices per re-render; 1 ms
+        # keeps event-loop stalls short at a negligible cost to generation speed.
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
         self.thread = QThread()
         self.thread.setObjectName("kestrel-engine")
         self.worker = EngineWorker()

@@ -1,0 +1,161 @@
+"""Calibration data: token rows from the user's own files, or text the model writes itself.
+
+No corpus ships with Kestrel. Users point at .txt / .jsonl / .parquet files; without any, the model
+generates its calibration text from a fixed, seeded list of diverse prompts (data-free), so a
+conversion is reproducible from (model, seed, rows, length) alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..tokenizer import Tokenizer
+from .gptq import QuantizeError
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """rows x length tokens; files empty means data-free (self-generated)."""
+
+    rows: int = 32
+    length: int = 512
+    files: tuple[str, ...] = field(default_factory=tuple)
+    seed: int = 0
+    text_field: str = "text"
+
+    @property
+    def dataset(self) -> str:
+        return ", ".join(os.path.basename(f) for f in self.files) if self.files else "self-generated"
+
+    def to_dict(self) -> dict:
+        return {"rows": self.rows, "length": self.length, "dataset": self.dataset}
+
+
+TOPICS = [
+    "the history of the Roman Empire", "how vaccines train the immune system", "writing a Python web scraper",
+    "the water cycle", "a recipe for sourdough bread", "the causes of the First World War",
+    "black holes and general relativity", "how to negotiate a salary", "photosynthesis in plants",
+    "the rules of chess", "a short story about a lighthouse keeper", "sorting algorithms in C",
+    "the French Revolution", "climate change and ocean currents", "how a car engine works",
+    "the life of Marie Curie", "SQL joins explained with examples", "the geography of Japan",
+    "a poem about autumn rain", "how interest rates affect inflation", "the structure of DNA",
+    "training a neural network", "the plot of Hamlet", "how to learn a foreign language",
+    "the Apollo moon landings", "linear algebra for beginners", "a letter to a friend about moving abroad",
+    "the economics of renewable energy", "ancient Egyptian mythology", "how the internet routes packets",
+    "tips for running a marathon", "the causes of earthquakes", "writing unit tests in JavaScript",
+    "the history of jazz", "probability puzzles", "medieval castle architecture",
+]
+TASKS = [
+    "Write a detailed essay about {t}.", "Explain {t} to a curious teenager.",
+    "Give a step-by-step guide to {t}.", "Write a long, well-structured article on {t}.",
+    "Describe {t} with concrete examples.", "Answer as an expert: what should everyone know about {t}?",
+]
+
+
+def _read_texts(path: str, text_field: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise QuantizeError("calibration file not found", path=path, hint="Check the path.")
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext in (".txt", ".md", ".text"):
+            with open(path, encoding="utf-8") as f:
+                return [f.read()]
+        if ext in (".jsonl", ".json"):
+            texts = []
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    line = line.strip()
+                    if not line:
+                        continue
+                    obj = json.loads(line)
+                    value = obj.get(text_field) if isinstance(obj, dict) else obj
+                    if not isinstance(value, str):
+                        raise QuantizeError(f"line {n} has no string field {text_field!r}", path=path,
+                                            hint="Each line must be a JSON object with a text field.")
+                    texts.append(value)
+            return texts
+        if ext == ".parquet":
+            try:
+                import pyarrow.parquet as pq  # optional: only needed for Parquet calibration files
+            except ImportError as e:
+                raise QuantizeError("reading Parquet needs the pyarrow package, which is not installed",
+                                    path=path, hint="Run `pip install pyarrow`, or convert the file to JSONL.") from e
+            table = pq.read_table(path, columns=[text_field])
+            return [t for t in table.column(text_field).to_pylist() if isinstance(t, str)]
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise QuantizeError(f"cannot be read ({e})", path=path,
+                            hint="Calibration files must be UTF-8 text, JSONL or Parquet.") from e
+    except OSError as e:
+        raise QuantizeError(f"cannot be read ({e})", path=path, hint="Check the file's permissions.") from e
+    raise QuantizeError(f"unknown calibration file type {ext!r}", path=path,
+                        hint="Use .txt, .jsonl (one {\"text\": ...} per line) or .parquet.")
+
+
+def rows_from_files(settings: CalibrationSettings, tokenizer: Tokenizer) -> list[list[int]]:
+    """Tokenize the files' texts (EOS between documents) and cut rows x length tokens."""
+    sep = sorted(tokenizer.eos_ids)[:1]
+    stream: list[int] = []
+    need = settings.rows * settings.length
+    for path in settings.files:
+        for text in _read_texts(path, settings.text_field):
+            stream += tokenizer.encode(text, special=False) + sep
+            if len(stream) >= need:
+                break
+        if len(stream) >= need:
+            break
+    if len(stream) < need:
+        raise QuantizeError(
+            f"the calibration files hold {len(stream)} tokens, {settings.rows} rows x {settings.length} need {need}",
+            path=settings.files[0], hint="Add more text, or lower the calibration rows or length.")
+    return [stream[i * settings.length:(i + 1) * settings.length] for i in range(settings.rows)]
+
+
+def self_generated_rows(model_folder: str, settings: CalibrationSettings, device: str = "auto",
+                        progress: Progress | None = None) -> list[list[int]]:
+    """Data-free calibration: the model answers seeded prompts; each row is chat prompt + answer tokens."""
+    from ..session import Engine
+    from ..types import GenerationSettings
+
+    engine = Engine.load(model_folder, device, max_seq_len=settings.length + 512)
+    rng = random.Random(settings.seed)
+    rows: list[list[int]] = []
+    try:
+        for r in range(settings.rows):
+            row: list[int] = []
+            while len(row) < settings.length:
+                prompt = rng.choice(TASKS).format(t=rng.choice(TOPICS))
+                ids = engine.chat_prompt_ids([{"role": "user", "content": prompt}])
+                gen = GenerationSettings(max_new_tokens=max(16, settings.length - len(row) - len(ids)),
+                                         samplers={"temperature": 0.8, "top_p": 0.95},
+                                         seed=rng.randrange(2**31))
+                out: list[int] = []
+                for chunk in engine.generator.stream(ids, gen):
+                    out += chunk.token_ids
+                row += ids + out + sorted(engine.tokenizer.eos_ids)[:1]
+            rows.append(row[:settings.length])
+            if progress:
+                progress((r + 1) / settings.rows, f"generated calibration row {r + 1}/{settings.rows}")
+    finally:
+        engine.unload()
+    return rows
+
+
+def calibration_rows(model_folder: str, settings: CalibrationSettings, device: str = "auto",
+                     progress: Progress | None = None) -> torch.Tensor:
+    """int64 (rows, length) token ids for calibrating `model_folder`."""
+    if settings.rows < 1 or settings.length < 16:
+        raise QuantizeError(f"calibration needs at least 1 row of 16 tokens, got {settings.rows} x {settings.length}",
+                            hint="Raise the calibration rows/length.")
+    if settings.files:
+        rows = rows_from_files(settings, Tokenizer.from_folder(model_folder))
+    else:
+        rows = self_generated_rows(model_folder, settings, device, progress)
+    return torch.tensor(rows, dtype=torch.int64)
