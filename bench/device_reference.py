@@ -128,10 +128,33 @@ def compare_ours(path: str, ids_dir: str) -> dict:
     res["layers"] = len(exact)
     res["dq_bit_exact_all"] = all(exact.values())
     res["dq_not_exact"] = [k for k, v in exact.items() if not v][:10]
+    res.update(compare_forward(ex, ours, ids_dir))
+    del ex
+    torch.cuda.empty_cache()
+    return res
+
+
+def compare_forward(ex, ours, ids_dir: str) -> dict:
+    """Argmax agreement and top-20 overlap on the prompt, perplexity of both engines on the ids."""
     prompt = torch.tensor(np.load(os.path.join(ids_dir, "prompt_ids.npy")))
+    rows = np.load(os.path.join(ids_dir, "ppl_ids.npy"))
     a = exl2_logits(ex, prompt)[0].cpu()
     b = ours.forward(prompt.cuda())[0].float().cpu()
-    res["prompt_argmax_equal"] = float((a.argmax(-1) == b.argmax(-1)).float().mean())
+    overlap = [len(set(a[i].topk(20).indices.tolist()) & set(b[i].topk(20).indices.tolist()))
+               for i in range(a.shape[0])]
+    return {
+        "prompt_argmax_equal": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
+        "top20_overlap_mean": float(np.mean(overlap)),
+        "ppl_exllamav2": ppl_from_logits([exl2_logits(ex, torch.tensor(r[None]))[0] for r in rows], rows),
+        "ppl_kestrel_torch": ppl_from_logits([ours.forward(torch.tensor(r[None]).cuda())[0] for r in rows], rows),
+    }
+
+
+def compare_fp16(path: str, ids_dir: str) -> dict:
+    """exllamav2 also runs plain fp16 folders: tells its quantized kernels apart from the rest."""
+    ex = exl2_load(path)
+    ours = load_model(path, "cuda", backend="torch")
+    res = {"folder": path, **compare_forward(ex, ours, ids_dir)}
     del ex
     torch.cuda.empty_cache()
     return res
@@ -141,6 +164,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ref")
     ap.add_argument("--ours", action="append", default=[])
+    ap.add_argument("--fp16")
     ap.add_argument("--ids-dir", required=True)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -148,6 +172,8 @@ def main() -> int:
     summary: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     if a.ref:
         summary["reference"] = compare_reference(a.ref, a.ids_dir, a.out)
+    if a.fp16:
+        summary["fp16"] = compare_fp16(a.fp16, a.ids_dir)
     summary["ours"] = [compare_ours(p, a.ids_dir) for p in a.ours]
     with open(os.path.join(a.out, "device_reference.json"), "w") as f:
         json.dump(summary, f, indent=2)

@@ -51,7 +51,16 @@ def q8_plan(module: str, weight: torch.Tensor):
     return quantize_rtn(weight, split_groups(in_f, [(8, 1.0)]), torch.randperm(in_f, generator=gen))
 
 
-PLANS = {"mixed": (mixed_plan, 4.3, 6), "q8": (q8_plan, 8.0, 8)}
+def b4_plan(module: str, weight: torch.Tensor):
+    """About 4.1 bpw: 4-bit groups with a tenth at 8 bits, act-order, 6-bit head (a typical 4.0 file)."""
+    in_f = weight.shape[1]
+    if module == "lm_head":
+        return quantize_rtn(weight, split_groups(in_f, [(6, 1.0)]))
+    gen = torch.Generator().manual_seed(_layer_index(module) + 11)
+    return quantize_rtn(weight, split_groups(in_f, [(8, 0.1), (4, 0.9)]), torch.randperm(in_f, generator=gen))
+
+
+PLANS = {"mixed": (mixed_plan, 4.3, 6), "q8": (q8_plan, 8.0, 8), "b4": (b4_plan, 4.4, 6)}
 
 
 def build(fp16_dir: str, cache: Path, name: str) -> str:

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import GenerationError
+
+if TYPE_CHECKING:  # torch loads on first use, so the GUI can read SAMPLERS at start-up
+    import torch
 
 
 @dataclass
@@ -29,7 +30,7 @@ class SamplerContext:
     settings: Mapping[str, Any] = field(default_factory=dict)
 
 
-SamplerFn = Callable[[torch.Tensor, Any, SamplerContext], torch.Tensor]
+SamplerFn = Callable[["torch.Tensor", Any, SamplerContext], "torch.Tensor"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ _NEG_INF = float("-inf")
 
 
 def _penalty_window(ctx: SamplerContext) -> torch.Tensor:
+
     rng = int(ctx.settings.get("penalty_range", 1024) or 0)
     h = ctx.history
     return h[-rng:] if rng > 0 else h
@@ -69,6 +71,8 @@ def _penalty_window(ctx: SamplerContext) -> torch.Tensor:
 
 def repetition_penalty(logits: torch.Tensor, value: float, ctx: SamplerContext) -> torch.Tensor:
     """CTRL-style: divide positive logits (multiply negative ones) of tokens already seen."""
+    import torch
+
     ids = torch.unique(_penalty_window(ctx))
     if ids.numel() == 0:
         return logits
@@ -79,6 +83,8 @@ def repetition_penalty(logits: torch.Tensor, value: float, ctx: SamplerContext) 
 
 def presence_penalty(logits: torch.Tensor, value: float, ctx: SamplerContext) -> torch.Tensor:
     """Subtract a flat amount from every token already seen."""
+    import torch
+
     ids = torch.unique(_penalty_window(ctx))
     if ids.numel():
         logits[ids] -= value
@@ -87,6 +93,8 @@ def presence_penalty(logits: torch.Tensor, value: float, ctx: SamplerContext) ->
 
 def frequency_penalty(logits: torch.Tensor, value: float, ctx: SamplerContext) -> torch.Tensor:
     """Subtract an amount proportional to how often each token was seen."""
+    import torch
+
     window = _penalty_window(ctx)
     if window.numel():
         counts = torch.bincount(window, minlength=logits.numel())[: logits.numel()]
@@ -101,6 +109,8 @@ def temperature(logits: torch.Tensor, value: float, ctx: SamplerContext) -> torc
 
 
 def top_k(logits: torch.Tensor, value: int, ctx: SamplerContext) -> torch.Tensor:
+    import torch
+
     k = int(value)
     if k <= 0 or k >= logits.numel():
         return logits
@@ -110,6 +120,8 @@ def top_k(logits: torch.Tensor, value: int, ctx: SamplerContext) -> torch.Tensor
 
 def top_p(logits: torch.Tensor, value: float, ctx: SamplerContext) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probabilities sum to at least p."""
+    import torch
+
     if value >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, descending=True)
@@ -123,6 +135,8 @@ def top_p(logits: torch.Tensor, value: float, ctx: SamplerContext) -> torch.Tens
 
 def min_p(logits: torch.Tensor, value: float, ctx: SamplerContext) -> torch.Tensor:
     """Drop tokens whose probability is below min_p times the top token's probability."""
+    import torch
+
     if value <= 0:
         return logits
     probs = torch.softmax(logits, dim=-1)
@@ -180,6 +194,7 @@ def is_greedy(settings: Mapping[str, Any]) -> bool:
 
 def process_logits(logits: torch.Tensor, settings: Mapping[str, Any], ctx: SamplerContext) -> torch.Tensor:
     """Run the pipeline on one row of logits (float32 copy) and return the filtered logits."""
+
     x = logits.float().clone()
     for name, spec in SAMPLERS.items():
         value = settings.get(name, spec.default)
@@ -192,6 +207,8 @@ def process_logits(logits: torch.Tensor, settings: Mapping[str, Any], ctx: Sampl
 def sample(logits: torch.Tensor, settings: Mapping[str, Any], ctx: SamplerContext,
            generator: torch.Generator | None) -> int:
     """Pick the next token id from one row of logits."""
+    import torch
+
     if is_greedy(settings):
         x = logits.float().clone()
         for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"):

@@ -13,7 +13,7 @@ import sqlite3
 MIGRATIONS: list[tuple[str, ...]] = [
     (  # 1: conversations and messages
         """CREATE TABLE conversations (
-            id INTEGER PRIMARY KEY,
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
             title TEXT NOT NULL,
             created REAL NOT NULL,
             updated REAL NOT NULL,
@@ -24,7 +24,7 @@ MIGRATIONS: list[tuple[str, ...]] = [
         )""",
         "CREATE INDEX conversations_updated ON conversations(updated DESC)",
         """CREATE TABLE messages (
-            id INTEGER PRIMARY KEY,
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
             conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
             position INTEGER NOT NULL,
             parent_id INTEGER REFERENCES messages(id) ON DELETE SET NULL,

@@ -175,42 +175,80 @@ class QuantizedLinear:
 def gptq_quantize(weight: torch.Tensor, prep: Prepared, groups: list[tuple[int, int]],
                   bias: torch.Tensor | None = None) -> QuantizedLinear:
     """GPTQ-quantize weight (out, in) into EXL2 groups [(bits, rows)] (storage order, bits descending)."""
+    return gptq_quantize_many([weight], prep, [groups], [bias])[0]
+
+
+def gptq_quantize_many(weights: list[torch.Tensor], prep: Prepared, layouts: list[list[tuple[int, int]]],
+                       biases: list[torch.Tensor | None] | None = None, block: int = 32) -> list[QuantizedLinear]:
+    """GPTQ for several (weight, group layout) pairs that share one input, hence one Hessian, in one pass.
+
+    Output columns are independent in GPTQ, so the weights are laid side by side and every row step
+    runs once for all of them; each one keeps its own groups, bit widths and scales (per-column
+    vectors). Errors propagate within `block`-row blocks row by row and to later rows once per block;
+    group starts fall on block starts (groups are multiples of 32 rows), so every group's scales are
+    found from rows that have already taken the error of all earlier rows.
+    """
     device = prep.hinv.device
-    out_f, in_f = weight.shape
-    if sum(r for _, r in groups) != in_f:
-        raise QuantizeError(f"groups cover {sum(r for _, r in groups)} rows, the layer has {in_f} inputs")
+    in_f = weights[0].shape[1]
+    for w, groups in zip(weights, layouts):
+        if w.shape[1] != in_f or sum(r for _, r in groups) != in_f:
+            raise QuantizeError(f"a group layout covers {sum(r for _, r in groups)} rows, the layer has {in_f}")
+    biases = biases or [None] * len(weights)
     perm = prep.perm.to(device)
-    w = weight.to(device=device, dtype=torch.float32).t()[perm].contiguous()  # (in, out), act order
     u = prep.hinv
-    codes = torch.empty(in_f, out_f, dtype=torch.int32, device=device)
-    deq = torch.empty(in_f, out_f, dtype=torch.float16, device=device)
-    scale_codes, scale_max = [], []
-    a = 0
-    for bits, rows in groups:
-        b = a + rows
-        sc, smax, scales = group_scales(w[a:b], bits)
-        scale_codes.append(sc)
-        scale_max.append(smax)
-        zero, maxq = 2 ** (bits - 1), 2 ** bits - 1
-        err = torch.empty(rows, out_f, dtype=torch.float32, device=device)
+    offs = [0]
+    for w in weights:
+        offs.append(offs[-1] + w.shape[0])
+    w = torch.cat([x.to(device=device, dtype=torch.float32).t()[perm] for x in weights], dim=1).contiguous()
+    total = offs[-1]
+    starts: dict[int, list[tuple[int, int, int]]] = {}
+    for seg, groups in enumerate(layouts):
+        row = 0
+        for bits, rows in groups:
+            if row % block:
+                raise QuantizeError(f"group rows must be multiples of {block} (a group starts at row {row})")
+            starts.setdefault(row, []).append((seg, bits, rows))
+            row += rows
+    scales = torch.ones(total, device=device)
+    zero = torch.zeros(total, device=device)
+    maxq = torch.zeros(total, device=device)
+    qs = torch.empty(in_f, total, dtype=torch.float32, device=device)
+    deq = torch.empty(in_f, total, dtype=torch.float16, device=device)
+    scale_codes: list[list[torch.Tensor]] = [[] for _ in weights]
+    scale_max: list[list[torch.Tensor]] = [[] for _ in weights]
+    for a in range(0, in_f, block):
+        b = min(a + block, in_f)
+        for seg, bits, rows in starts.get(a, []):
+            cols = slice(offs[seg], offs[seg + 1])
+            sc, smax, sv = group_scales(w[a:a + rows, cols], bits)
+            scale_codes[seg].append(sc)
+            scale_max[seg].append(smax)
+            scales[cols] = sv
+            zero[cols] = 2 ** (bits - 1)
+            maxq[cols] = 2 ** bits - 1
+        err = torch.empty(b - a, total, dtype=torch.float32, device=device)
         for i in range(a, b):
             row = w[i]
-            q = torch.clamp(torch.round(row / scales + zero), 0, maxq)
+            q = torch.minimum(torch.round(row / scales + zero).clamp_(min=0), maxq)
             dq = ((q - zero) * scales).to(torch.float16)
-            codes[i] = q.to(torch.int32)
+            qs[i] = q
             deq[i] = dq
-            e = (row - dq.float()) / u[i, i]
+            e = (row - dq.float()).div_(u[i, i])
             err[i - a] = e
             if i + 1 < b:
                 w[i + 1:b].addr_(u[i, i + 1:b], e, alpha=-1.0)
         if b < in_f:
             w[b:].addmm_(u[a:b, b:].t(), err, alpha=-1.0)
-        a = b
-    tensors = pack_layer(codes.cpu(), torch.stack(scale_codes).cpu(), torch.stack(scale_max).cpu(), groups,
-                         perm.cpu(), bias)
     invperm = torch.argsort(perm)
-    dense = deq[invperm].t().contiguous().cpu()
-    return QuantizedLinear(tensors, dense, stored_bits(tensors))
+    perm_cpu = perm.cpu()
+    out = []
+    for seg, groups in enumerate(layouts):
+        cols = slice(offs[seg], offs[seg + 1])
+        tensors = pack_layer(qs[:, cols].to(torch.int32).cpu(), torch.stack(scale_codes[seg]).cpu(),
+                             torch.stack(scale_max[seg]).cpu(), groups, perm_cpu, biases[seg])
+        dense = deq[:, cols][invperm].t().contiguous().cpu()
+        out.append(QuantizedLinear(tensors, dense, stored_bits(tensors)))
+    return out
 
 
 def output_error(weight: torch.Tensor, quantized: torch.Tensor, h: torch.Tensor) -> float:
