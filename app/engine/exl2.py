@@ -39,16 +39,21 @@ def unpack_codes(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
     n = words.shape[1]
     blocks = -(-rows // codes)
     need = blocks * nw
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    if w.shape[0] < need:
-        w = torch.cat([w, w.new_zeros(need - w.shape[0], n)])
-    w = w[:need].reshape(blocks, nw, n)
+    mask = (1 << bits) - 1
+    if words.shape[0] < need:
+        words = torch.cat([words, words.new_zeros(need - words.shape[0], n)])
+    if nw == 1:  # 2/4/8 bits: codes never straddle words, so 32-bit shifts suffice
+        shifts = torch.arange(codes, device=words.device, dtype=torch.int32) * bits
+        vals = (words[:need].unsqueeze(1) >> shifts.view(1, -1, 1)) & mask
+        return vals.reshape(blocks * codes, n)[:rows]
+    w = words[:need].to(torch.int64) & 0xFFFFFFFF
+    w = w.reshape(blocks, nw, n)
     # Pair each word with the next so a code straddling a boundary can be read as one 64-bit value.
     nxt = torch.cat([w[:, 1:], w.new_zeros(blocks, 1, n)], dim=1)
     pair = w | (nxt << 32)
     offs = torch.arange(codes, device=words.device) * bits
     word_idx, shift = offs // 32, offs % 32
-    vals = (pair[:, word_idx, :] >> shift.view(1, -1, 1)) & ((1 << bits) - 1)
+    vals = (pair[:, word_idx, :] >> shift.view(1, -1, 1)) & mask
     return vals.reshape(blocks * codes, n)[:rows].to(torch.int32)
 
 
@@ -135,11 +140,21 @@ class Exl2Tensors:
         s = unpack_scales(self.q_scale, out_features).float()
         smax = (self.q_scale_max.to(torch.float16).float() / 256.0).to(torch.float16).float()
         scales = ((s * s).to(torch.float16).float() * smax.unsqueeze(1)).to(torch.float16).float()
-        out = torch.empty(in_features, out_features, dtype=torch.float16, device=device)
-        for gi, (bits, row, rows, qrow) in enumerate(groups):
+        codes = torch.empty(in_features, out_features, dtype=torch.int32, device=device)
+        # Consecutive groups of one width are one contiguous bit stream: unpack each run at once.
+        runs: list[list[int]] = []
+        for bits, row, rows, qrow in groups:
+            if runs and runs[-1][0] == bits:
+                runs[-1][2] += rows
+            else:
+                runs.append([bits, row, rows, qrow])
+        for bits, row, rows, qrow in runs:
             nwords = -(-rows * bits // 32)
-            codes = unpack_codes(self.q_weight[qrow: qrow + nwords, :out_features], bits, rows)
-            out[row: row + rows] = ((codes - (1 << (bits - 1))).float() * scales[gi]).to(torch.float16)
+            codes[row: row + rows] = unpack_codes(self.q_weight[qrow: qrow + nwords, :out_features], bits, rows)
+        counts = torch.tensor([g[2] for g in groups], device=device)
+        zero = torch.repeat_interleave(torch.tensor([1 << (g[0] - 1) for g in groups], device=device), counts)
+        row_scales = torch.repeat_interleave(scales, counts, dim=0)
+        out = ((codes - zero.to(torch.int32).unsqueeze(1)).float() * row_scales).to(torch.float16)
         invperm = self.q_invperm.to(torch.int64)
         return out[invperm].t().contiguous()
 
