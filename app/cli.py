@@ -5,6 +5,7 @@
   python main.py generate --model DIR --prompt TEXT [--chat] ...   completion only on stdout
   python main.py perplexity --model DIR --ids FILE.npy             last line: "perplexity: <value>"
   python main.py doctor                GPU, driver, CUDA, torch, extension, flash-attn
+  python main.py serve --model DIR [--host 127.0.0.1] [--port 5000] [--api-key KEY]   OpenAI-compatible API
 
 Errors print as one line on stderr with a non-zero exit code, never a traceback.
 """
@@ -65,6 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ids", required=True, help=".npy file with a 2-D integer array, one row per sample")
 
     sub.add_parser("doctor", help="what this machine can run")
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API (docs at /docs)")
+    _model_args(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; anything but loopback needs --api-key")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--api-key", default=os.environ.get("KESTREL_API_KEY"),
+                   help="key clients must send as 'Authorization: Bearer KEY' (or set KESTREL_API_KEY)")
+    p.add_argument("--models-dir", default=None,
+                   help="folder /v1/model/load may load from (default: the folder holding --model)")
+    p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
+    p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MiB")
     return ap
 
 
@@ -191,7 +204,23 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "perplexity": cmd_perplexity, "doctor": cmd_doctor}
+def cmd_serve(args: argparse.Namespace) -> int:
+    from app.server.config import ServerConfig, check_bind
+
+    check_bind(args.host, args.api_key)  # before loading anything: refuse unsafe binds at once
+    config = ServerConfig(
+        host=args.host, port=args.port, api_key=args.api_key, model_dir=args.model,
+        models_root=args.models_dir or os.path.dirname(os.path.abspath(args.model)),
+        device=args.device, max_seq_len=args.max_seq_len, backend=args.backend,
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_tokens_limit=args.max_tokens_limit)
+    from app.server.app import run_server
+
+    run_server(config)
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "perplexity": cmd_perplexity, "doctor": cmd_doctor,
+            "serve": cmd_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

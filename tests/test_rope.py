@@ -40,6 +40,11 @@ CASES: dict[str, tuple[dict[str, Any], tuple[int | None, ...]]] = {
                 "rope_scaling": {"type": "linear", "factor": 4.0}}, (None,)),
     "dynamic": ({"rope_theta": 10000.0, "max_position_embeddings": 4096,
                  "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, (None, 1000, 4096, 4097, 12000)),
+    # transformers' dynamic type ignores an original_max_position_embeddings here (and warns)
+    "dynamic-with-original": ({"rope_theta": 10000.0, "max_position_embeddings": 8192,
+                               "rope_scaling": {"rope_type": "dynamic", "factor": 2.0,
+                                                "original_max_position_embeddings": 4096}},
+                              (None, 6000, 8192, 12000)),
     "llama3.1": ({"rope_theta": 500000.0, "max_position_embeddings": 131072,
                   "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}, (None,)),

@@ -17,11 +17,24 @@ import torch
 from .cache import KVCache
 from .errors import GenerationError, OutOfMemoryError
 from .model import Transformer
-from .samplers import SamplerContext, sample, validate_settings
+from .samplers import BannedStringGuard, SamplerContext, SamplerState, sample, validate_settings
 from .tokenizer import StopStringMatcher, Tokenizer
 from .types import Chunk, GenerationSettings
 
 DEFAULT_CHUNK = 2048
+MAX_BANNED_STRING_ROLLBACKS = 512  # per request; past this the banned strings cannot be avoided
+
+
+def sampler_state(tokenizer: Tokenizer, samplers: dict) -> SamplerState:
+    """Per-request sampler state; DRY's breakers and XTC's protected ids come from the tokenizer."""
+    return SamplerState.create(samplers, lambda text: tokenizer.encode(text, special=False),
+                               tokenizer.eos_ids)
+
+
+def keep_held_logits(saved: dict[int, torch.Tensor], held_from: int | None) -> None:
+    """Banned strings: only positions whose text is still held can be rolled back to."""
+    for index in [k for k in saved if held_from is None or k < held_from]:
+        del saved[index]
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -126,6 +139,11 @@ class Generator:
         generated: list[int] = []
         history = torch.tensor(ids, dtype=torch.int64)
         reason = None
+        state = sampler_state(self.tokenizer, samplers)
+        guard = BannedStringGuard(samplers["banned_strings"])
+        saved: dict[int, torch.Tensor] = {}  # logits by completion index, while the guard holds text
+        bans: dict[int, set[int]] = {}  # completion index -> ids banned there by rollbacks
+        rollbacks = 0
 
         def chunk(text: str, new: list[int], finish: str | None) -> Chunk:
             return Chunk(text, new, n_prompt, len(generated), t_prefill, time.perf_counter() - t1, finish)
@@ -140,14 +158,30 @@ class Generator:
             if self._cancel.is_set():
                 reason = "cancelled"
                 break
-            ctx = SamplerContext(history=history, generated_start=n_prompt, settings=samplers)
+            ctx = SamplerContext(history=history, generated_start=n_prompt, settings=samplers,
+                                 eos_ids=self.tokenizer.eos_ids, state=state)
+            index = len(generated)
+            state.banned_now = frozenset(bans.get(index, ()))
+            if guard.banned:
+                saved[index] = logits
             token = sample(logits, samplers, ctx, gen)
             if token in eos:
                 reason = "stop"
                 break
             generated.append(token)
             history = torch.cat([history, torch.tensor([token])])
-            text, stopped = stops.feed(decoder.feed(token))
+            text, back = guard.feed(decoder.feed(token), index)
+            if back is not None:
+                rollbacks += 1
+                if rollbacks > MAX_BANNED_STRING_ROLLBACKS:
+                    raise GenerationError(
+                        f"the reply kept running into banned strings ({rollbacks} rollbacks)",
+                        hint="Remove some banned strings or loosen the filters.")
+                logits, decoder = self._rewind_completion(n_prompt, generated, back, bans, saved)
+                history = torch.tensor(ids[:n_prompt] + generated, dtype=torch.int64)
+                continue
+            keep_held_logits(saved, guard.held_from)
+            text, stopped = stops.feed(text)
             if stopped:
                 yield chunk(text, [token], "stop")
                 return
@@ -163,10 +197,25 @@ class Generator:
                 raise OutOfMemoryError("the GPU ran out of memory mid-reply",
                                        hint="Use a smaller context, a lower-bpw model or a Q4 cache.") from e
             self._cached_ids.append(token)
-        tail, stopped = stops.feed(decoder.flush())
+        tail, stopped = stops.feed(guard.flush() + decoder.flush())
         if not stopped:
             tail += stops.flush()
         yield chunk(tail, [], "stop" if stopped else reason)
+
+    def _rewind_completion(self, n_prompt: int, generated: list[int], back: int,
+                           bans: dict[int, set[int]], saved: dict[int, torch.Tensor]):
+        """Banned string: drop tokens from completion index `back` on, ban the token that began it at
+        that position, and return (logits to sample there again, a decoder replayed to that point)."""
+        bans.setdefault(back, set()).add(generated[back])
+        for later in [k for k in bans if k > back]:
+            del bans[later]
+        del generated[back:]
+        self.cache.truncate(n_prompt + back)
+        self._cached_ids = self._cached_ids[:n_prompt + back]
+        decoder = self.tokenizer.stream_decoder()
+        for token in generated:
+            decoder.feed(token)
+        return saved[back], decoder
 
     def generate(self, prompt_ids: list[int], settings: GenerationSettings | None = None) -> tuple[str, Chunk]:
         """Run to completion; return the whole text and the final chunk (counts, timings, reason)."""

@@ -38,6 +38,9 @@ def run(argv: Sequence[str] | None = None) -> int:
 
     from app.store import Store, StoreError
 
+    from .about import app_icon, install_help_menu, window_title
+    from .crash import install as install_crash_reporter
+    from .first_run import maybe_show_first_run, self_test
     from .main_window import MainWindow
     from .prefs import Prefs
     from .presets import default_config_dir
@@ -47,6 +50,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     app.setApplicationName("Kestrel")
     app.setApplicationDisplayName("Kestrel")
     app.setFont(ui_font())
+    app.setWindowIcon(app_icon())
+    reporter = install_crash_reporter()     # rotating log file + dialog for unhandled errors
     config_dir = Path(args.config_dir) if args.config_dir else default_config_dir()
     theme = args.theme or Prefs(config_dir).get("theme") or "system"
     if theme == "system" or theme not in THEMES:
@@ -58,16 +63,18 @@ def run(argv: Sequence[str] | None = None) -> int:
         QMessageBox.critical(None, "Kestrel cannot open its chats", str(e))
         return EXIT_USER_ERROR
     window = MainWindow(store, config_dir, theme)
+    window.setWindowTitle(window_title())
+    install_help_menu(window, reporter.log_file.parent)
     window.set_theme(theme)
     window.show()
+    first_run = maybe_show_first_run(window, config_dir)
     if args.model:
         window.load_model(args.model)
     if args.self_test:
         def report() -> None:
             print(f"window shown after {time.perf_counter() - T_START:.3f} s (since app.ui.app import)",
                   flush=True)
-            window.close()
-            app.quit()
+            self_test(app, window, first_run)   # prints resources, Qt plugins, backend; then quits
         QTimer.singleShot(0, report)
     try:
         code = app.exec()

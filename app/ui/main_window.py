@@ -201,10 +201,14 @@ class MainWindow(QMainWindow):
         self.theme_button.clicked.connect(self.toggle_theme)
         self.panel_button = self._header_button("sliders", "Show/hide model and settings (Ctrl+.)", True)
         self.panel_button.toggled.connect(self._panel_toggled)
+        self.models_button = self._header_button("download", "Models: browse the Hub, downloads, library, VRAM "
+                                                             "planner (Ctrl+Shift+M)")
+        self.models_button.clicked.connect(lambda: self.open_models("browse"))
         row.addWidget(self.sidebar_button)
         row.addSpacing(4)
         row.addLayout(titles)
         row.addStretch(1)
+        row.addWidget(self.models_button)
         row.addWidget(self.theme_button)
         row.addWidget(self.panel_button)
         return header
@@ -271,6 +275,20 @@ class MainWindow(QMainWindow):
         add("Toggle settings", "Ctrl+.", self.panel_button.toggle)
         add("Search chats", "Ctrl+K", lambda: self.sidebar.search.setFocus())
         add("Toggle theme", "Ctrl+Shift+L", self.toggle_theme)
+        add("Models", "Ctrl+Shift+M", lambda: self.open_models("browse"))
+
+    models_window: Any = None
+
+    def open_models(self, page: str = "browse", **options: Any) -> Any:
+        """The Models window (Browse / Downloads / Library / Planner), created on first use;
+        its "Load into chat" goes through load_model like the side panel's Load button."""
+        if self.models_window is None:
+            from .hub_browser import ModelsWindow
+
+            self.models_window = ModelsWindow(self, theme=self.theme, **options)
+            self.models_window.load_requested.connect(self.load_model)
+        self.models_window.show_page(page)
+        return self.models_window
 
     def _after_show(self) -> None:
         """Work that must not delay the first paint: sampler specs (may import torch) and NVML."""
@@ -668,6 +686,8 @@ class MainWindow(QMainWindow):
         self._closing = True
         self._flush_settings()
         self._vram_timer.stop()
+        if self.models_window is not None:
+            self.models_window.shutdown()
         gen = self.generation
         if gen is not None:
             self.client.cancel(gen.job)

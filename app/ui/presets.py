@@ -36,7 +36,7 @@ def _parse(data: Any, source: str, builtin: bool) -> Preset:
         raise PresetError("is not a preset (needs a \"name\" and a \"samplers\" object)", path=source,
                           hint="Delete the file or fix it by hand.")
     samplers = data.get("samplers", {})
-    if not isinstance(samplers, dict) or not all(isinstance(v, (int, float)) for v in samplers.values()):
+    if not isinstance(samplers, dict) or not all(isinstance(v, (int, float, list, dict)) for v in samplers.values()):
         raise PresetError("has a \"samplers\" entry that is not an object of numbers", path=source,
                           hint="Delete the file or fix it by hand.")
     return Preset(data["name"].strip(), dict(samplers), str(data.get("description", "")), builtin)

@@ -5,6 +5,7 @@ written out by hand here; a new SamplerSpec shows up on its own.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -17,6 +18,7 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QInputDialog,
     QLabel,
+    QLineEdit,
     QMessageBox,
     QPushButton,
     QSlider,
@@ -97,6 +99,45 @@ class SamplerRow:
         self._on_change()
 
 
+class TextRow:
+    """List- and dict-valued samplers (banned strings, logit bias, ...): one line of JSON."""
+
+    slider = None
+
+    def __init__(self, spec: Any, on_change: Any) -> None:
+        self.spec = spec
+        self.label = QLabel(spec.label)
+        self.label.setObjectName("FieldLabel")
+        self.spin = QLineEdit()
+        self.spin.setPlaceholderText(json.dumps(spec.default))
+        for w in (self.label, self.spin):
+            w.setToolTip(f"<b>{spec.label}</b><br>{spec.help}<br><i>JSON, e.g. {json.dumps(spec.default)}</i>")
+        self.spin.editingFinished.connect(on_change)
+        self.set_value(spec.default)
+
+    def value(self) -> Any:
+        text = self.spin.text().strip()
+        if not text:
+            return self.spec.default
+        try:
+            return json.loads(text)
+        except ValueError:
+            return self.spec.default
+
+    def set_value(self, value: Any) -> None:
+        self.spin.setText("" if value == self.spec.default else json.dumps(value))
+
+
+NUMERIC_KINDS = ("int", "float", "bool")
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Numbers equal within rounding; lists and dicts equal as data."""
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return abs(float(a) - float(b)) < 1e-9
+    return a == b
+
+
 class SamplerPanel(QWidget):
     """Emits `changed` on every user edit (not on programmatic `set_values`)."""
 
@@ -169,6 +210,12 @@ class SamplerPanel(QWidget):
             grid.setHorizontalSpacing(10)
             grid.setVerticalSpacing(4)
             for i, spec in enumerate(members):
+                if spec.kind not in NUMERIC_KINDS:
+                    text_row = TextRow(spec, self._user_changed)
+                    self.rows[spec.name] = text_row  # type: ignore[assignment]
+                    grid.addWidget(text_row.label, 2 * i, 0, 1, 2)
+                    grid.addWidget(text_row.spin, 2 * i + 1, 0, 1, 2)
+                    continue
                 row = SamplerRow(spec, self._user_changed)
                 self.rows[spec.name] = row
                 grid.addWidget(row.label, 2 * i, 0, 1, 2)
@@ -241,7 +288,7 @@ class SamplerPanel(QWidget):
         for i in range(1, self.preset_combo.count()):
             preset = self.preset_combo.itemData(i)
             want = {name: row.spec.default for name, row in self.rows.items()} | preset.samplers
-            if all(abs(float(current[k]) - float(want.get(k, current[k]))) < 1e-9 for k in current):
+            if all(same_value(current[k], want.get(k, current[k])) for k in current):
                 return preset.name
         return CUSTOM
 

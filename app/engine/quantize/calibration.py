@@ -65,9 +65,6 @@ def _read_texts(path: str, text_field: str) -> list[str]:
         raise QuantizeError("calibration file not found", path=path, hint="Check the path.")
     ext = os.path.splitext(path)[1].lower()
     try:
-        if ext in (".txt", ".md", ".text"):
-            with open(path, encoding="utf-8") as f:
-                return [f.read()]
         if ext in (".jsonl", ".json"):
             texts = []
             with open(path, encoding="utf-8") as f:
@@ -90,13 +87,13 @@ def _read_texts(path: str, text_field: str) -> list[str]:
                                     path=path, hint="Run `pip install pyarrow`, or convert the file to JSONL.") from e
             table = pq.read_table(path, columns=[text_field])
             return [t for t in table.column(text_field).to_pylist() if isinstance(t, str)]
+        with open(path, encoding="utf-8") as f:  # anything else is plain UTF-8 text
+            return [f.read()]
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise QuantizeError(f"cannot be read ({e})", path=path,
                             hint="Calibration files must be UTF-8 text, JSONL or Parquet.") from e
     except OSError as e:
         raise QuantizeError(f"cannot be read ({e})", path=path, hint="Check the file's permissions.") from e
-    raise QuantizeError(f"unknown calibration file type {ext!r}", path=path,
-                        hint="Use .txt, .jsonl (one {\"text\": ...} per line) or .parquet.")
 
 
 def rows_from_files(settings: CalibrationSettings, tokenizer: Tokenizer) -> list[list[int]]:

@@ -25,9 +25,18 @@ from ..exl2 import EXL2_SUFFIXES, Exl2Tensors
 from ..exl2_writer import tensors_of, write_folder
 from ..loader import resolve_device
 from ..safetensors_io import TensorStore
-from .blocks import ATTN, INPUT_OF, MLP, BlockRunner, LayerWeights, batches, module_name, read_layer
+from .blocks import ATTN, MLP, BlockRunner, LayerWeights, batches, module_name, read_layer
 from .calibration import CalibrationSettings, calibration_rows
-from .gptq import Hessian, QuantizedLinear, QuantizeError, gptq_quantize, prepare, stored_bits
+from .gptq import (
+    Hessian,
+    QuantizedLinear,
+    QuantizeError,
+    QuantSpec,
+    gptq_quantize,
+    gptq_quantize_many,
+    prepare,
+    stored_bits,
+)
 from .measure import (
     HEAD_SPECS,
     SPECS,
@@ -127,12 +136,8 @@ def _embed(store: TensorStore, ids: torch.Tensor, device: torch.device) -> torch
     return emb[ids].to(device=device, dtype=torch.float32)
 
 
-def _layer_options(kind: str) -> list:
-    return block_options(kind, SPECS)
-
-
 def run_measurement(src: str, ids: torch.Tensor, job: Job, device: torch.device,
-                    report: Progress, cancel: threading.Event | None) -> Measurement:
+                    report: Progress, cancel: threading.Event | None, specs: list[QuantSpec]) -> Measurement:
     """Measure every block (resuming from the job's last finished layer)."""
     config = ModelConfig.from_folder(src)
     path = job.file("measurement.json")
@@ -152,7 +157,7 @@ def run_measurement(src: str, ids: torch.Tensor, job: Job, device: torch.device,
             lw = read_layer(store, config, i)
             for kind in ("self_attn", "mlp"):
                 report(i / config.num_layers, f"measuring layer {i + 1}/{config.num_layers} {kind}")
-                opts, states = measure_block(runner, lw, states, kind, _layer_options(kind), lambda: _check(cancel))
+                opts, states = measure_block(runner, lw, states, kind, block_options(kind, specs), lambda: _check(cancel))
                 name = f"model.layers.{i}.{kind}"
                 m.blocks[name] = opts
                 m.numel[name] = sum(lw.linears[p].numel() for p in (ATTN if kind == "self_attn" else MLP))
@@ -164,7 +169,7 @@ def run_measurement(src: str, ids: torch.Tensor, job: Job, device: torch.device,
 
 
 def _quantize_group(runner: BlockRunner, lw: LayerWeights, states: torch.Tensor, kind: str,
-                    specs: dict[str, object], layer: int, done: dict[str, QuantizedLinear]) -> torch.Tensor:
+                    specs: dict[str, QuantSpec], layer: int, done: dict[str, QuantizedLinear]) -> torch.Tensor:
     """Quantize one block's projections in order (later ones see the earlier ones' quantized outputs)."""
     projs = ATTN if kind == "self_attn" else MLP
     order = [("qkv", ("q_proj", "k_proj", "v_proj")), ("o", ("o_proj",))] if kind == "self_attn" \
@@ -184,10 +189,10 @@ def _quantize_group(runner: BlockRunner, lw: LayerWeights, states: torch.Tensor,
             else:
                 runner.mlp(lw, x, weights, tap, stop_before_down=True)
         prep = prepare(h.value())
-        for proj in members:
-            assert INPUT_OF[proj] == group
-            w = lw.linears[proj]
-            q = gptq_quantize(w, prep, specs[proj].layout(w.shape[1]), lw.biases[proj])  # type: ignore[attr-defined]
+        ws = [lw.linears[p] for p in members]
+        qs = gptq_quantize_many(ws, prep, [specs[p].layout(w.shape[1]) for p, w in zip(members, ws)],
+                                [lw.biases[p] for p in members])
+        for proj, q in zip(members, qs):
             done[module_name(layer, proj)] = q
             weights[proj] = q.weight.to(device=runner.device, dtype=torch.float32)
     outs = []
@@ -301,15 +306,17 @@ def _prepare_job(src: str, job_dir: str, params: dict, calibration: CalibrationS
 
 def measure_model(src: str, out_json: str, calibration: CalibrationSettings = DEFAULT_CALIBRATION, *,
                   calibration_ids: torch.Tensor | None = None, device: str = "auto", job_dir: str | None = None,
-                  progress: Progress | None = None, cancel: threading.Event | None = None) -> Measurement:
+                  progress: Progress | None = None, cancel: threading.Event | None = None,
+                  specs: list[QuantSpec] | None = None) -> Measurement:
     """Measure a model once (it does not depend on the target bpw) and save the JSON for reuse."""
     report = progress or (lambda _f, _m: None)
+    specs = specs or SPECS
     dev = resolve_device(device)
     job_dir = job_dir or out_json + ".job"
     params = {"kind": "measure", "src": os.path.abspath(src), "calibration": calibration.to_dict(),
-              "seed": calibration.seed, "specs": [s.desc for s in SPECS]}
+              "seed": calibration.seed, "specs": [s.desc for s in specs]}
     job, ids = _prepare_job(src, job_dir, params, calibration, calibration_ids, device, report)
-    m = run_measurement(src, ids, job, dev, report, cancel)
+    m = run_measurement(src, ids, job, dev, report, cancel, specs)
     m.save(out_json)
     shutil.rmtree(job_dir, ignore_errors=True)
     return m
@@ -319,7 +326,7 @@ def convert(src: str, out: str, bits: float, head_bits: int = 6,
             calibration: CalibrationSettings = DEFAULT_CALIBRATION, measurement: str | None = None, *,
             calibration_ids: torch.Tensor | None = None, progress: Progress | None = None,
             cancel: threading.Event | None = None, device: str = "auto", job_dir: str | None = None,
-            keep_job: bool = False, norm: float = 2.0, max_shard_bytes: int = 8 * 2**30) -> ConvertResult:
+            keep_job: bool = False, specs: list[QuantSpec] | None = None, norm: float = 2.0, max_shard_bytes: int = 8 * 2**30) -> ConvertResult:
     """Convert an fp16/bf16 Llama-family folder to EXL2 at `bits` average bpw (decoder layers).
 
     head_bits: 2/3/4/5/6/8 quantize the output head, 16 keeps it fp16. measurement: a saved
@@ -328,6 +335,7 @@ def convert(src: str, out: str, bits: float, head_bits: int = 6,
     """
     t0 = time.perf_counter()
     report = progress or (lambda _f, _m: None)
+    specs = specs or SPECS
     if head_bits not in HEAD_SPECS and head_bits != 16:
         raise QuantizeError(f"head_bits must be one of {sorted(HEAD_SPECS) + [16]}, not {head_bits}")
     if not 2.0 <= bits <= 8.5:
@@ -340,7 +348,7 @@ def convert(src: str, out: str, bits: float, head_bits: int = 6,
     params = {"kind": "convert", "src": os.path.abspath(src), "bits": bits, "head_bits": head_bits,
               "calibration": calibration.to_dict(), "seed": calibration.seed, "norm": norm,
               "measurement": os.path.abspath(measurement) if measurement else None,
-              "specs": [s.desc for s in SPECS]}
+              "specs": [s.desc for s in specs]}
     job, ids = _prepare_job(src, job_dir, params, calibration, calibration_ids, device, report)
     _check(cancel)
 
@@ -352,7 +360,7 @@ def convert(src: str, out: str, bits: float, head_bits: int = 6,
             job.state["measure_next"] = config.num_layers
             job.save()
     elif job.state["measure_next"] < config.num_layers:
-        m = run_measurement(src, ids, job, dev, lambda f, msg: report(0.05 + 0.45 * f, msg), cancel)
+        m = run_measurement(src, ids, job, dev, lambda f, msg: report(0.05 + 0.45 * f, msg), cancel, specs)
     else:
         m = load_measurement(m_path)
     wanted = [f"model.layers.{i}.{k}" for i in range(config.num_layers) for k in ("self_attn", "mlp")]
@@ -369,7 +377,8 @@ def convert(src: str, out: str, bits: float, head_bits: int = 6,
     _check(cancel)
     report(0.96, "writing the EXL2 folder")
     extra = {"calibration": calibration.to_dict() if calibration_ids is None else
-             {"rows": int(ids.shape[0]), "length": int(ids.shape[1]), "dataset": calibration.dataset}}
+             {"rows": int(ids.shape[0]), "length": int(ids.shape[1]),
+              "dataset": calibration.dataset if calibration.files else "token ids given by the caller"}}
     bpw = compile_folder(src, out, job, bits, head_bits, extra, max_shard_bytes)
     kept = os.path.join(out, "measurement.json")  # beside the model, for reuse at other bitrates
     shutil.copyfile(m_path if not measurement else measurement, kept)

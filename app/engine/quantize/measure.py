@@ -18,7 +18,7 @@ import torch
 
 from ..config import ModelConfig
 from .blocks import ATTN, INPUT_OF, MLP, BlockRunner, LayerWeights, batches, relative_error
-from .gptq import Hessian, Prepared, QuantizeError, QuantSpec, gptq_quantize, prepare
+from .gptq import Hessian, Prepared, QuantizeError, QuantSpec, gptq_quantize_many, prepare
 
 FORMAT = "kestrel-exl2-measurement"
 VERSION = 1
@@ -126,6 +126,8 @@ def load_measurement(path: str, config: ModelConfig | None = None) -> Measuremen
         elif "measurement" in raw:  # exllamav2
             m.info = {"source": "exllamav2", "last_module_idx": raw.get("last_module_idx")}
             for name, opts in raw["measurement"].items():
+                if opts is None:  # modules it does not measure (norm, head)
+                    continue
                 if not isinstance(opts, list):
                     raise QuantizeError(f"block {name} is not a list of options (parallel/MoE layouts are "
                                         "not supported)", path=path)
@@ -140,6 +142,20 @@ def load_measurement(path: str, config: ModelConfig | None = None) -> Measuremen
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise QuantizeError(f"is malformed ({e!r})", path=path, hint="Measure the model again.") from e
     return m
+
+
+def column_chunks(items: list, numel: Callable[[object], int], max_weights: int = 2**28) -> list[list]:
+    """Split items into runs whose weights together stay under `max_weights` (bounds GPTQ memory)."""
+    out: list[list] = [[]]
+    size = 0
+    for it in items:
+        n = numel(it)
+        if out[-1] and size + n > max_weights:
+            out.append([])
+            size = 0
+        out[-1].append(it)
+        size += n
+    return out
 
 
 # --- measuring one layer -----------------------------------------------------------------------
@@ -182,15 +198,17 @@ def measure_block(runner: BlockRunner, lw: LayerWeights, states: torch.Tensor, k
     hs, ref = _hessians(runner, lw, states, kind, dense, runner.device)
     preps: dict[str, Prepared] = {g: prepare(h.value()) for g, h in hs.items()}
     quantized: dict[tuple[str, QuantSpec], tuple[torch.Tensor, int]] = {}
-    for opt in options:
-        for proj, spec in opt.items():
-            if (proj, spec) in quantized:
-                continue
+    for group, prep in preps.items():
+        pairs = sorted({(p, s) for opt in options for p, s in opt.items() if INPUT_OF[p] == group},
+                       key=lambda ps: (ps[0], ps[1].desc))
+        for chunk in column_chunks(pairs, lambda ps: lw.linears[ps[0]].numel()):
             if cancel:
                 cancel()
-            w = lw.linears[proj]
-            q = gptq_quantize(w, preps[INPUT_OF[proj]], spec.layout(w.shape[1]), lw.biases[proj])
-            quantized[(proj, spec)] = (q.weight.to(device=runner.device, dtype=torch.float32), q.bits)
+            ws = [lw.linears[p] for p, _ in chunk]
+            qs = gptq_quantize_many(ws, prep, [s.layout(w.shape[1]) for (_, s), w in zip(chunk, ws)],
+                                    [lw.biases[p] for p, _ in chunk])
+            for pair, q in zip(chunk, qs):
+                quantized[pair] = (q.weight.to(device=runner.device, dtype=torch.float32), q.bits)
     results = []
     for opt in options:
         weights = {p: quantized[(p, s)][0] for p, s in opt.items()}

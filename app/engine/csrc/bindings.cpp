@@ -1,0 +1,25 @@
+// Python bindings of the Kestrel CUDA extension (module name set by the build: kestrel_cuda).
+
+#include <torch/extension.h>
+
+namespace kestrel {
+void exl2_gemv(torch::Tensor x, torch::Tensor perm, torch::Tensor qweight, torch::Tensor qscale,
+               torch::Tensor step, torch::Tensor tiles, torch::Tensor bias, torch::Tensor acc_ws,
+               torch::Tensor counters, torch::Tensor out);
+void exl2_dequant(torch::Tensor qweight, torch::Tensor qscale, torch::Tensor step, torch::Tensor tiles,
+                  int64_t K, int64_t n0, torch::Tensor out);
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
+torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up);
+torch::Tensor rope(torch::Tensor x, torch::Tensor cos_t, torch::Tensor sin_t);
+torch::Tensor attention_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t num_splits);
+}  // namespace kestrel
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Kestrel CUDA kernels: EXL2 gemv/dequant, RMSNorm, SiLU*mul, RoPE, decode attention";
+  m.def("exl2_gemv", &kestrel::exl2_gemv, "EXL2 matrix-vector product for 1..8 rows (writes out)");
+  m.def("exl2_dequant", &kestrel::exl2_dequant, "EXL2 columns [n0, n0+out.shape[1]) to fp16 (K, ncols), quant order");
+  m.def("rms_norm", &kestrel::rms_norm, "RMSNorm; with a non-empty residual, x += residual in place first");
+  m.def("silu_mul", &kestrel::silu_mul, "silu(gate) * up");
+  m.def("rope", &kestrel::rope, "rotate-half RoPE from (T, D) cos/sin tables");
+  m.def("attention_decode", &kestrel::attention_decode, "one-token attention over the KV cache (GQA)");
+}

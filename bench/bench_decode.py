@@ -1,0 +1,202 @@
+"""Decode and prefill speed of EXL2 models with the torch and cuda backends (run on the GPU machine).
+
+For each EXL2 folder and backend: decode tok/s (batch 1, 128-token prompt, 256 new greedy tokens,
+argmax kept on the GPU, after a warm-up), prefill tok/s (2048-token prompt, best of 3 after a warm-up),
+peak VRAM, and how many greedy tokens agree with the torch backend. Then a kernel-level table: the
+gemv alone against F.linear on the dequantized weight for Llama-size layers, with achieved GB/s.
+exllamav2 side by side: add a runner to EXTRA_RUNNERS (same signature as bench_backend).
+
+usage: python bench/bench_decode.py DIR [DIR ...] [--out results.json] [--backends torch,cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from app.engine.backend import Linear  # noqa: E402
+from app.engine.exl2 import Exl2Tensors, pack_scales  # noqa: E402
+from app.engine.loader import load_model  # noqa: E402
+
+# name -> fn(folder, args) returning a result dict like bench_backend's (the lead adds exllamav2 here)
+EXTRA_RUNNERS: dict[str, Callable[[str, argparse.Namespace], dict]] = {}
+
+
+def _sync_time(fn: Callable[[], object]) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def bench_backend(folder: str, backend: str, args: argparse.Namespace) -> dict:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    t_load = time.perf_counter()
+    model = load_model(folder, device="cuda", backend=backend)
+    t_load = time.perf_counter() - t_load
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    cache = model.allocate_cache(max(args.prefill, args.prompt + args.new) + 8)
+
+    prompt = torch.randint(100, vocab - 100, (1, args.prompt), generator=gen).cuda()
+
+    def decode(n: int) -> list[torch.Tensor]:
+        cache.reset()
+        logits = model.forward(prompt, cache, 0, last_only=True)
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+        toks = []
+        for i in range(n):
+            toks.append(tok)
+            logits = model.forward(tok, cache, args.prompt + i)
+            tok = logits[:, -1].argmax(-1, keepdim=True)
+        return toks
+
+    decode(16)  # warm-up: allocator, cuBLAS handles, kernel caches
+    cache.reset()
+    logits = model.forward(prompt, cache, 0, last_only=True)
+    tok = logits[:, -1].argmax(-1, keepdim=True)
+    tokens = []
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0 = time.perf_counter()
+    start.record()
+    for i in range(args.new):
+        tokens.append(tok)
+        logits = model.forward(tok, cache, args.prompt + i)
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+    end.record()
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    decode_s = start.elapsed_time(end) / 1000
+    token_ids = torch.cat(tokens).flatten().tolist()
+
+    long_prompt = torch.randint(100, vocab - 100, (1, args.prefill), generator=gen).cuda()
+
+    def prefill() -> None:
+        cache.reset()
+        model.forward(long_prompt, cache, 0, last_only=True)
+
+    prefill()
+    prefill_s = min(_sync_time(prefill) for _ in range(3))
+    result = {
+        "backend": model.backend.name, "load_s": round(t_load, 2),
+        "decode_tok_s": round(args.new / decode_s, 1), "decode_wall_tok_s": round(args.new / wall, 1),
+        "prefill_tok_s": round(args.prefill / prefill_s, 1),
+        "peak_vram_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+        "tokens": token_ids,
+    }
+    return result  # model and cache are freed with this frame
+
+
+def synthetic_exl2(k: int, n: int, bits: int, seed: int = 0) -> Exl2Tensors:
+    """A random layer in EXL2 layout (valid codes and scales; values do not matter for speed)."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = -(-k // 32)
+    qrows = k * bits // 32
+    q_weight = torch.randint(-2**31, 2**31 - 1, (qrows, n), generator=gen, dtype=torch.int64).to(torch.int32)
+    q_groups = []
+    for g in range(groups):
+        q_groups += [bits, g * bits]
+    return Exl2Tensors(
+        q_weight=q_weight, q_invperm=torch.argsort(torch.randperm(k, generator=gen)).to(torch.int32),
+        q_scale=pack_scales(torch.randint(1, 17, (groups, n), generator=gen)),
+        q_scale_max=torch.full((groups,), 0.02, dtype=torch.float16),
+        q_groups=torch.tensor(q_groups, dtype=torch.int16))
+
+
+@torch.inference_mode()
+def bench_kernels(args: argparse.Namespace) -> list[dict]:
+    from app.engine.cuda_backend import CudaBackend
+
+    be = CudaBackend(torch.device("cuda"), torch.float16)
+    rows_out = []
+    for k, n in [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 128256)]:
+        for bits in ([2, 3, 4, 5, 6, 8] if (k, n) == (4096, 14336) else [4]):
+            t = synthetic_exl2(k, n, bits)
+            lin = be.prepare_linear(Linear("bench", k, n, exl2=t))
+            w = be.dequantized_weight(lin)
+            nbytes = be.packed(lin).qweight.numel() * 4
+            for m in (1, 4, 8):
+                x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+                for _ in range(3):
+                    be.linear(x, lin)
+                    torch.nn.functional.linear(x, w)
+                reps = 50
+                t_q = _sync_time(lambda: [be.linear(x, lin) for _ in range(reps)]) / reps  # noqa: B023
+                t_d = _sync_time(lambda: [torch.nn.functional.linear(x, w) for _ in range(reps)]) / reps  # noqa: B023
+                rows_out.append({"K": k, "N": n, "bits": bits, "rows": m, "gemv_us": round(t_q * 1e6, 1),
+                                 "gemv_GBps": round(nbytes / t_q / 1e9, 1),
+                                 "fp16_linear_us": round(t_d * 1e6, 1)})
+    return rows_out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folders", nargs="*")
+    ap.add_argument("--out", default=None, help="JSON file to write (default: $OUT/bench_decode.json)")
+    ap.add_argument("--backends", default="torch,cuda")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--prefill", type=int, default=2048)
+    ap.add_argument("--no-kernels", action="store_true", help="skip the kernel-level table")
+    args = ap.parse_args()
+    out_path = args.out or os.path.join(os.environ.get("OUT", "."), "bench_decode.json")
+    report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "models": {}}
+    for folder in args.folders:
+        runs = {}
+        for name in args.backends.split(","):
+            try:
+                runs[name] = bench_backend(folder, name, args)
+            except Exception as e:  # noqa: BLE001 - one failing backend must not lose the others' numbers
+                runs[name] = {"error": f"{type(e).__name__}: {e}"}
+        for name, runner in EXTRA_RUNNERS.items():
+            try:
+                runs[name] = runner(folder, args)
+            except Exception as e:  # noqa: BLE001
+                runs[name] = {"error": f"{type(e).__name__}: {e}"}
+        ref = runs.get("torch", {}).get("tokens")
+        for r in runs.values():
+            if ref and "tokens" in r:
+                same = next((i for i, (a, b) in enumerate(zip(ref, r["tokens"])) if a != b), len(ref))
+                r["greedy_tokens_equal_to_torch"] = same
+        report["models"][folder] = runs
+        print(f"\n{folder}")
+        print(f"{'backend':<12}{'decode tok/s':>14}{'prefill tok/s':>15}{'peak MiB':>10}{'same toks':>11}")
+        for name, r in runs.items():
+            if "error" in r:
+                print(f"{name:<12}  ERROR {r['error']}")
+                continue
+            print(f"{name:<12}{r['decode_tok_s']:>14}{r['prefill_tok_s']:>15}{r['peak_vram_mib']:>10}"
+                  f"{r.get('greedy_tokens_equal_to_torch', '-'):>11}")
+    if not args.no_kernels and "cuda" in args.backends:
+        try:
+            report["kernels"] = bench_kernels(args)
+            print(f"\n{'K':>6}{'N':>8}{'bits':>5}{'rows':>5}{'gemv us':>10}{'GB/s':>8}{'fp16 us':>10}")
+            for r in report["kernels"]:
+                print(f"{r['K']:>6}{r['N']:>8}{r['bits']:>5}{r['rows']:>5}{r['gemv_us']:>10}{r['gemv_GBps']:>8}"
+                      f"{r['fp16_linear_us']:>10}")
+        except Exception as e:  # noqa: BLE001
+            report["kernels"] = {"error": f"{type(e).__name__}: {e}"}
+            print("kernel table failed:", e)
+    for runs in report["models"].values():
+        for r in runs.values():
+            r.pop("tokens", None)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"\nwrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()

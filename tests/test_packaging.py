@@ -1,0 +1,232 @@
+"""Packaging files, checked without building the bundle (CI does not): the PyInstaller spec runs with
+PyInstaller's classes stubbed and must name files that exist; the .desktop entry validates; the Inno
+Setup script makes the shortcuts; the icons exist at every size; install_desktop.sh really installs
+into a throwaway XDG folder; the About dialog and THIRD_PARTY_LICENSES.md list the same components."""
+
+from __future__ import annotations
+
+import ast
+import configparser
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import types
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app import __version__
+
+REPO = Path(__file__).resolve().parent.parent
+PKG = REPO / "packaging"
+ICON_DIR = REPO / "resources" / "icons" / "app"
+PNG_SIZES = (16, 24, 32, 48, 64, 128, 256, 512)
+pytestmark = pytest.mark.timeout(60)
+
+
+# --- the PyInstaller spec ------------------------------------------------------------------------
+
+class Recorder:
+    """Stands in for one of PyInstaller's spec classes: keeps its arguments."""
+
+    calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]]
+
+    def __init__(self, name: str, calls: list) -> None:
+        self.name, self.calls = name, calls
+
+    def __call__(self, *args: Any, **kwargs: Any) -> types.SimpleNamespace:
+        self.calls.append((self.name, args, kwargs))
+        return types.SimpleNamespace(pure=[], scripts=[], binaries=[], datas=[], args=args, kwargs=kwargs)
+
+
+def run_spec(monkeypatch, tmp_path: Path, platform: str) -> dict[str, dict[str, Any]]:
+    """Execute kestrel.spec as PyInstaller would, with its classes and hook helpers recorded."""
+    hooks = types.ModuleType("PyInstaller.utils.hooks")
+    hooks.collect_data_files = lambda package: [(f"<{package} data>", package)]
+    hooks.collect_submodules = lambda package: [f"{package}.<submodules>"]
+    monkeypatch.setitem(sys.modules, "PyInstaller", types.ModuleType("PyInstaller"))
+    monkeypatch.setitem(sys.modules, "PyInstaller.utils", types.ModuleType("PyInstaller.utils"))
+    monkeypatch.setitem(sys.modules, "PyInstaller.utils.hooks", hooks)
+    monkeypatch.setattr(sys, "platform", platform)
+    calls: list = []
+    spec_globals = {"__name__": "__main__", "SPECPATH": str(PKG), "workpath": str(tmp_path / "work"),
+                    **{name: Recorder(name, calls) for name in ("Analysis", "PYZ", "EXE", "COLLECT")}}
+    source = (PKG / "kestrel.spec").read_text(encoding="utf-8")
+    exec(compile(source, str(PKG / "kestrel.spec"), "exec"), spec_globals)  # noqa: S102 - our own spec
+    return {name: {"args": args, **kwargs} for name, args, kwargs in calls}
+
+
+def test_spec_builds_a_windowed_one_folder_bundle_with_its_data(monkeypatch, tmp_path: Path) -> None:
+    spec = run_spec(monkeypatch, tmp_path, "linux")
+    analysis = spec["Analysis"]
+    assert analysis["args"][0] == [str(REPO / "main.py")]
+    datas = dict((dest, src) for src, dest in analysis["datas"] if not src.startswith("<"))
+    assert datas["resources"] == str(REPO / "resources")
+    assert datas["app/engine/templates"] == str(REPO / "app" / "engine" / "templates")
+    for src in datas.values():
+        assert Path(src).exists(), f"the spec bundles {src}, which does not exist"
+    assert "PySide6.QtSvg" in analysis["hiddenimports"]          # icons are SVG
+    assert "app.<submodules>" in analysis["hiddenimports"]       # lazily imported UI/engine modules
+    for binary, dest in analysis["binaries"]:                    # the CUDA extension, when built
+        assert dest == "app/engine" and binary.endswith((".so", ".pyd"))
+    exe = spec["EXE"]
+    assert exe["name"] == "Kestrel" and exe["console"] is False and exe["exclude_binaries"] is True
+    assert exe["icon"] is None and exe["version"] is None        # Windows-only resources
+    assert spec["COLLECT"]["name"] == "Kestrel"
+
+
+def test_spec_on_windows_adds_icon_and_version_resource(monkeypatch, tmp_path: Path) -> None:
+    spec = run_spec(monkeypatch, tmp_path, "win32")
+    exe = spec["EXE"]
+    assert exe["icon"] == str(ICON_DIR / "kestrel.ico")
+    version_file = Path(exe["version"])
+    text = version_file.read_text(encoding="utf-8")
+    assert "@VERSION" not in text
+    tree = ast.parse(text, mode="eval")                          # PyInstaller eval()s this file
+    assert isinstance(tree.body, ast.Call) and tree.body.func.id == "VSVersionInfo"
+    numbers = tuple(int(n) for n in __version__.split(".")) + (0,) * (4 - len(__version__.split(".")))
+    assert f"filevers=({', '.join(map(str, numbers))})" in text
+    assert f"StringStruct('ProductVersion', '{__version__}')" in text
+    assert "StringStruct('OriginalFilename', 'Kestrel.exe')" in text
+
+
+# --- desktop integration -------------------------------------------------------------------------
+
+def desktop_entry(path: Path) -> dict[str, str]:
+    parser = configparser.ConfigParser(interpolation=None, strict=True)
+    parser.optionxform = str  # keys are case-sensitive
+    parser.read(path, encoding="utf-8")
+    return dict(parser["Desktop Entry"])
+
+
+def test_desktop_file_is_valid() -> None:
+    path = PKG / "kestrel.desktop"
+    entry = desktop_entry(path)
+    for key in ("Type", "Name", "Exec", "Icon", "Categories", "Comment"):
+        assert entry.get(key), f"{path} lacks {key}"
+    assert entry["Type"] == "Application" and entry["Terminal"] == "false" and entry["Icon"] == "kestrel"
+    assert entry["Categories"].endswith(";")
+    validator = shutil.which("desktop-file-validate")
+    if validator:
+        out = subprocess.run([validator, str(path)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not shutil.which("bash"), reason="Linux desktop install")
+def test_install_desktop_script_installs_and_uninstalls(tmp_path: Path) -> None:
+    fake_bundle = tmp_path / "bundle dir"
+    fake_bundle.mkdir()
+    exe = fake_bundle / "Kestrel"
+    exe.write_text("#!/bin/sh\nexit 0\n")
+    exe.chmod(0o755)
+    env = dict(os.environ, XDG_DATA_HOME=str(tmp_path / "share"))
+    out = subprocess.run(["bash", str(PKG / "install_desktop.sh"), str(exe)], env=env, capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    installed = tmp_path / "share" / "applications" / "kestrel.desktop"
+    entry = desktop_entry(installed)
+    assert entry["Exec"] == f'"{exe}"' and entry["TryExec"] == str(exe)
+    for size in PNG_SIZES:
+        assert (tmp_path / f"share/icons/hicolor/{size}x{size}/apps/kestrel.png").is_file()
+    assert (tmp_path / "share/icons/hicolor/scalable/apps/kestrel.svg").is_file()
+    if shutil.which("desktop-file-validate"):
+        check = subprocess.run(["desktop-file-validate", str(installed)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout
+    out = subprocess.run(["bash", str(PKG / "install_desktop.sh"), "--uninstall"], env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and not installed.exists()
+    missing = subprocess.run(["bash", str(PKG / "install_desktop.sh"), str(tmp_path / "nope")], env=env,
+                             capture_output=True, text=True, timeout=30)
+    assert missing.returncode == 2 and "not an executable" in missing.stderr
+
+
+@pytest.mark.parametrize("script", ["build_linux.sh", "install_desktop.sh"])
+def test_shell_scripts_parse(script: str) -> None:
+    out = subprocess.run(["bash", "-n", str(PKG / script)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_inno_setup_script_installs_the_exe_with_shortcuts() -> None:
+    text = (PKG / "kestrel.iss").read_text(encoding="utf-8")
+    sections = {line.strip() for line in text.splitlines() if line.strip().startswith("[")}
+    assert {"[Setup]", "[Files]", "[Icons]", "[Tasks]"} <= sections
+    assert '#define AppExe "Kestrel.exe"' in text
+    icons = text.split("[Icons]", 1)[1].split("\n[", 1)[0]
+    assert '"{group}\\{#AppName}"; Filename: "{app}\\{#AppExe}"' in icons            # Start menu
+    assert '"{autodesktop}\\{#AppName}"' in icons and "Tasks: desktopicon" in icons  # optional desktop
+    assert 'Name: "desktopicon"' in text and "Flags: unchecked" in text
+    ico = (PKG / text.split("SetupIconFile=", 1)[1].splitlines()[0].replace("\\", "/")).resolve()
+    assert ico == ICON_DIR / "kestrel.ico" and ico.is_file()
+    assert (PKG / text.split("LicenseFile=", 1)[1].splitlines()[0]).is_file()
+
+
+def test_windows_build_script_uses_the_spec_and_installer() -> None:
+    text = (PKG / "build_windows.ps1").read_text(encoding="utf-8")
+    assert "kestrel.spec" in text and "kestrel.iss" in text and "--self-test" in text
+
+
+# --- icons ---------------------------------------------------------------------------------------
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.mark.parametrize("size", PNG_SIZES)
+def test_png_icon_sizes(size: int) -> None:
+    assert png_size(ICON_DIR / f"kestrel-{size}.png") == (size, size)
+
+
+def test_ico_holds_png_images_up_to_256() -> None:
+    data = (ICON_DIR / "kestrel.ico").read_bytes()
+    reserved, kind, count = struct.unpack("<HHH", data[:6])
+    assert (reserved, kind) == (0, 1) and count >= 5
+    sizes = []
+    for i in range(count):
+        width, height, _, _, _, bpp, length, offset = struct.unpack("<BBBBHHII", data[6 + 16 * i:22 + 16 * i])
+        assert width == height and bpp == 32
+        assert data[offset:offset + 8] == b"\x89PNG\r\n\x1a\n" and offset + length <= len(data)
+        sizes.append(width or 256)
+    assert {16, 32, 48, 256} <= set(sizes)
+
+
+def test_svg_icon_is_square_svg() -> None:
+    root = ET.parse(ICON_DIR / "kestrel.svg").getroot()
+    assert root.tag.endswith("svg") and root.get("viewBox") == "0 0 512 512"
+
+
+# --- licenses ------------------------------------------------------------------------------------
+
+def test_license_file_names_every_bundled_component() -> None:
+    from app.ui.about import COMPONENTS
+
+    text = (PKG / "THIRD_PARTY_LICENSES.md").read_text(encoding="utf-8")
+    for component in COMPONENTS:
+        assert f"| {component.name} | {component.license} |" in text, component.name
+    assert "LGPL" in text and "replace" in text      # how the bundle meets the LGPL
+
+
+def test_about_dialog_from_help_menu(qtbot) -> None:
+    from PySide6.QtWidgets import QLabel, QMainWindow
+
+    from app.ui.about import install_help_menu, window_title
+
+    window = QMainWindow()
+    qtbot.addWidget(window)
+    window.show()
+    action = install_help_menu(window, Path("/tmp/kestrel-logs"))
+    assert [a.text() for a in window.menuBar().actions()] == ["&Help"]
+    action.trigger()
+    dialog = window.about_dialog
+    qtbot.waitUntil(dialog.isVisible, timeout=2000)
+    html = dialog.components.toPlainText()
+    assert "PySide6" in html and "LGPL-3.0-only" in html and "PyTorch" in html
+    labels = " ".join(label.text() for label in dialog.findChildren(QLabel))
+    assert f"Kestrel {__version__}" in labels and "/tmp/kestrel-logs" in labels
+    assert window_title() == f"Kestrel {__version__}"
+    dialog.close()
