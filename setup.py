@@ -41,8 +41,8 @@ def cuda_extension() -> dict:
 
     ext = CUDAExtension(
         "app.engine.kestrel_cuda", sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr",
+        extra_compile_args={"cxx": ["-O3"],
+                            "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr",
                                      "-diag-suppress=3306"]})
     return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}}
 

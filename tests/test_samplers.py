@@ -393,18 +393,17 @@ def test_same_seed_same_tokens_on_the_real_model(engine) -> None:
     assert len(a[0]) >= 4
     miro = {"temperature": 1.0, "mirostat_mode": 2, "mirostat_tau": 4.0, "dynatemp_low": 0.5,
             "dynatemp_high": 1.5}
-    b = _tokens(engine, miro, seed=5)
-    assert b == _tokens(engine, miro, seed=5)
-    seeds = {tuple(_tokens(engine, MIXED, seed=s)[0]) for s in (1, 2, 3)}
-    assert len(seeds) > 1  # the seed matters: sampling is really on
+    b = _tokens(engine, miro, seed=5, n=6)
+    assert b == _tokens(engine, miro, seed=5, n=6)
+    assert _tokens(engine, MIXED, seed=12)[0] != a[0]  # the seed matters: sampling is really on
 
 
 def test_banned_string_is_rolled_back_and_resampled_on_the_real_model(engine) -> None:
     greedy = {"temperature": 0}
-    _, plain = _tokens(engine, greedy, seed=0, n=16)
+    _, plain = _tokens(engine, greedy, seed=0, n=10)
     word = max(plain.split(), key=len).strip(".,!?;:\"'")
     assert len(word) >= 3, plain
-    _, banned = _tokens(engine, {**greedy, "banned_strings": [word.upper()]}, seed=0, n=16)
+    _, banned = _tokens(engine, {**greedy, "banned_strings": [word.upper()]}, seed=0, n=10)
     assert word.lower() not in banned.lower()
     assert banned != plain
     prefix = plain[: plain.lower().find(word.lower())]

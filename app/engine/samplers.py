@@ -384,21 +384,37 @@ def min_p(logits: torch.Tensor, value: float, ctx: SamplerContext) -> torch.Tens
     return logits.masked_fill(probs < value * probs.max(), _NEG_INF)
 
 
+def _candidates(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, logits) of the tokens still in play, most likely first. After top-k or min-p this is a
+    few dozen tokens, so the sorting samplers below cost little."""
+    import torch
+
+    ids = torch.nonzero(torch.isfinite(logits)).flatten()
+    values, order = torch.sort(logits[ids], descending=True)
+    return ids[order], values
+
+
+def _keep_only(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    out = torch.full_like(logits, _NEG_INF)
+    out[ids] = logits[ids]
+    return out
+
+
 def typical_p(logits: torch.Tensor, value: float, ctx: SamplerContext) -> torch.Tensor:
     """Locally typical sampling: keep the tokens whose surprise is closest to the entropy, until
     their probabilities add up to p."""
     import torch
 
-    logp = torch.log_softmax(logits, dim=-1)
+    ids, values = _candidates(logits)
+    logp = torch.log_softmax(values, dim=-1)
     p = logp.exp()
     entropy = -(p * logp).nansum()
-    distance = (-logp - entropy).abs()  # inf for removed tokens: they sort last
-    order = torch.argsort(distance)
+    order = torch.argsort((-logp - entropy).abs(), stable=True)
     cum = torch.cumsum(p[order], dim=-1)
-    keep_n = int((cum < value).sum()) + 1
-    drop = torch.ones_like(logits, dtype=torch.bool)
-    drop[order[:keep_n]] = False
-    return logits.masked_fill(drop, _NEG_INF)
+    keep_n = min(int((cum < value).sum()) + 1, ids.numel())
+    return _keep_only(logits, ids[order[:keep_n]])
 
 
 def tfs(logits: torch.Tensor, value: float, ctx: SamplerContext) -> torch.Tensor:
@@ -406,21 +422,19 @@ def tfs(logits: torch.Tensor, value: float, ctx: SamplerContext) -> torch.Tensor
     `value` of its total mass (the first token is always kept, the last candidate always cut)."""
     import torch
 
-    n = int(torch.isfinite(logits).sum())
+    ids, values = _candidates(logits)
+    n = ids.numel()
     if n < 3:
         return logits
-    sorted_logits, order = torch.sort(logits, descending=True)
-    probs = torch.softmax(sorted_logits[:n], dim=-1)
-    d2 = probs.diff().diff().abs()
+    d2 = torch.softmax(values, dim=-1).diff().diff().abs()
     total = d2.sum()
     if total <= 0:
         return logits
     cdf = torch.cumsum(d2 / total, dim=-1)
-    drop_sorted = torch.ones_like(logits, dtype=torch.bool)
-    drop_sorted[0] = False
-    drop_sorted[1:n - 1] = cdf > value
-    drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-    return logits.masked_fill(drop, _NEG_INF)
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[0] = True
+    keep[1:n - 1] = cdf <= value
+    return _keep_only(logits, ids[keep])
 
 
 def top_a(logits: torch.Tensor, value: float, ctx: SamplerContext) -> torch.Tensor:
@@ -440,15 +454,15 @@ def xtc(logits: torch.Tensor, value: float, ctx: SamplerContext) -> torch.Tensor
     if float(torch.rand(1, generator=ctx.generator)) >= value:
         return logits
     threshold = float(ctx.settings.get("xtc_threshold", 0.1))
-    sorted_logits, order = torch.sort(logits, descending=True)
-    probs = torch.softmax(sorted_logits, dim=-1)
-    drop_sorted = torch.zeros_like(probs, dtype=torch.bool)
-    drop_sorted[:-1] = probs[1:] >= threshold
-    drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-    protected = [i for i in ctx.state.xtc_protected if i < logits.numel()]
-    if protected and bool(drop[protected].any()):
+    ids, values = _candidates(logits)
+    probs = torch.softmax(values, dim=-1)
+    n_top = int((probs >= threshold).sum())
+    if n_top < 2:
         return logits
-    return logits.masked_fill(drop, _NEG_INF)
+    removed = set(ids[: n_top - 1].tolist())
+    if removed & ctx.state.xtc_protected:
+        return logits
+    return _keep_only(logits, ids[n_top - 1:])
 
 
 def dynamic_temperature(logits: torch.Tensor, ctx: SamplerContext) -> float:
@@ -481,12 +495,12 @@ def skew(logits: torch.Tensor, value: float, ctx: SamplerContext) -> torch.Tenso
     cumulative probabilities. Positive skew favours less likely tokens."""
     import torch
 
-    sorted_logits, order = torch.sort(logits, descending=True)
-    cum = torch.cumsum(torch.softmax(sorted_logits, dim=-1), dim=-1).clamp(0.0, 1.0)
-    cum_e = cum.pow(math.exp(value))
-    q = torch.diff(cum_e, prepend=torch.zeros(1))
-    new_sorted = torch.where(q > 0, torch.log(q.clamp(min=1e-30)), torch.full_like(q, _NEG_INF))
-    return torch.empty_like(logits).scatter(0, order, new_sorted)
+    ids, values = _candidates(logits)
+    cum = torch.cumsum(torch.softmax(values, dim=-1), dim=-1).clamp(0.0, 1.0)
+    q = torch.diff(cum.pow(math.exp(value)), prepend=torch.zeros(1))
+    out = torch.full_like(logits, _NEG_INF)
+    out[ids] = torch.where(q > 0, torch.log(q.clamp(min=1e-30)), torch.full_like(q, _NEG_INF))
+    return out
 
 
 def mirostat_draw(logits: torch.Tensor, settings: Mapping[str, Any], state: SamplerState,
@@ -498,13 +512,13 @@ def mirostat_draw(logits: torch.Tensor, settings: Mapping[str, Any], state: Samp
     tau = float(settings.get("mirostat_tau", 5.0))
     eta = float(settings.get("mirostat_eta", 0.1))
     mu = state.mirostat_mu if state.mirostat_mu is not None else 2.0 * tau
-    sorted_logits, order = torch.sort(logits, descending=True)
-    probs = torch.softmax(sorted_logits, dim=-1)
+    ids, values = _candidates(logits)
+    probs = torch.softmax(values, dim=-1)
     keep = max(1, int((-torch.log2(probs) <= mu).sum()))
     kept = probs[:keep] / probs[:keep].sum()
     pick = int(torch.multinomial(kept.cpu(), 1, generator=generator))
     state.mirostat_mu = mu - eta * (-math.log2(float(kept[pick])) - tau)
-    return int(order[pick])
+    return int(ids[pick])
 
 
 # --- registry --------------------------------------------------------------------------------------

@@ -11,12 +11,12 @@ import json
 import math
 import os
 import shutil
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from app.engine.errors import ModelFormatError
+from app.engine.st_header import read_header
 
 from .browse import describe_config, parse_bpw, quant_from_config
 from .download import MANIFEST, PARTIAL_DIR
@@ -56,40 +56,8 @@ class ModelCard:
 
 def read_safetensors_header(path: str) -> dict[str, Any]:
     """The JSON header of a .safetensors file ({name: {dtype, shape, data_offsets}}), without the data."""
-    try:
-        with open(path, "rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) != 8:
-                raise ModelFormatError("is too short to be a safetensors file", path=path,
-                                       hint="Re-download the model; the file is truncated.")
-            (length,) = struct.unpack("<Q", raw_len)
-            if length == 0 or length > MAX_HEADER:
-                raise ModelFormatError(f"has an impossible header length ({length})", path=path,
-                                       hint="Re-download the model; the file is damaged.")
-            blob = f.read(length)
-            file_size = os.fstat(f.fileno()).st_size
-    except OSError as e:
-        raise ModelFormatError(f"cannot be read ({e})", path=path) from e
-    if len(blob) != length:
-        raise ModelFormatError("ends inside its header", path=path, hint="Re-download the model; it is truncated.")
-    try:
-        header = json.loads(blob)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFormatError(f"has a header that is not JSON ({e})", path=path,
-                               hint="Re-download the model; the file is damaged.") from e
-    if not isinstance(header, dict):
-        raise ModelFormatError("has a header that is not a JSON object", path=path)
-    data_size = file_size - 8 - length
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        if (not isinstance(entry, dict) or not isinstance(entry.get("shape"), list)
-                or not isinstance(entry.get("data_offsets"), list) or len(entry["data_offsets"]) != 2):
-            raise ModelFormatError(f"tensor {name!r} has a malformed header entry", path=path)
-        if entry["data_offsets"][1] > data_size:
-            raise ModelFormatError(f"tensor {name!r} lies past the end of the file", path=path,
-                                   hint="Re-download the model; the file is truncated.")
-    return header
+    return {e.name: {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.start, e.end]}
+            for e in read_header(path).values()}
 
 
 def count_parameters(headers: Iterable[dict[str, Any]]) -> int:

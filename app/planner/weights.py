@@ -7,21 +7,10 @@ We read only those bytes; tensor data is never touched.
 
 from __future__ import annotations
 
-import json
-import os
-import struct
 from dataclasses import dataclass
-from math import prod
 
 from app.engine.config import ModelConfig
-from app.engine.errors import ModelFormatError
-
-DTYPE_BYTES: dict[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-}
-MAX_HEADER_BYTES = 100 * 1024 * 1024
-REDOWNLOAD = "Delete the file and download the model again."
+from app.engine.st_header import model_files, read_header
 
 
 @dataclass(frozen=True)
@@ -34,72 +23,12 @@ class TensorInfo:
 
 def read_safetensors_header(path: str) -> list[TensorInfo]:
     """The tensors one .safetensors file declares, checked for consistency with the file size."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ModelFormatError("is too short to be a safetensors file (truncated?)", path=path,
-                                       hint=REDOWNLOAD)
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise ModelFormatError(f"declares a {n}-byte header in a {size}-byte file: truncated or not "
-                                       "safetensors", path=path, hint=REDOWNLOAD)
-            raw = f.read(n)
-    except OSError as e:
-        raise ModelFormatError(f"cannot be read ({e.strerror})", path=path, hint=REDOWNLOAD) from e
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFormatError("has a header that is not valid JSON", path=path, hint=REDOWNLOAD) from e
-    if not isinstance(header, dict):
-        raise ModelFormatError("has a header that is not a JSON object", path=path, hint=REDOWNLOAD)
-    data_bytes = size - 8 - n
-    tensors = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = str(info["dtype"])
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ModelFormatError(f"tensor {name!r} has a malformed header entry", path=path,
-                                   hint=REDOWNLOAD) from e
-        if dtype not in DTYPE_BYTES:
-            raise ModelFormatError(f"tensor {name!r} has unknown dtype {dtype}", path=path)
-        nbytes = prod(shape) * DTYPE_BYTES[dtype]
-        if end - begin != nbytes or begin < 0 or end > data_bytes:
-            raise ModelFormatError(f"tensor {name!r} ({dtype} {list(shape)}, {nbytes} bytes) has offsets "
-                                   f"{begin}..{end} outside or inconsistent with the {data_bytes} data bytes",
-                                   path=path, hint=REDOWNLOAD)
-        tensors.append(TensorInfo(name, dtype, shape, nbytes))
-    return tensors
+    return [TensorInfo(e.name, e.dtype, e.shape, e.nbytes) for e in read_header(path).values()]
 
 
 def safetensors_files(folder: str) -> list[str]:
     """The shards of a model folder: from model.safetensors.index.json when present, else *.safetensors."""
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                names = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
-            raise ModelFormatError("is not a valid safetensors index", path=index, hint=REDOWNLOAD) from e
-        files = [os.path.join(folder, n) for n in names]
-        missing = [p for p in files if not os.path.isfile(p)]
-        if missing:
-            raise ModelFormatError(f"shard {os.path.basename(missing[0])} named in the index is missing",
-                                   path=folder, hint="The download is incomplete; download the model again.")
-        return files
-    try:
-        names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
-    except OSError as e:
-        raise ModelFormatError(f"cannot be listed ({e.strerror})", path=folder) from e
-    if not names:
-        raise ModelFormatError("holds no .safetensors files", path=folder,
-                               hint="Choose a model folder with safetensors weights (EXL2 or fp16/bf16).")
-    return [os.path.join(folder, n) for n in names]
+    return model_files(folder)
 
 
 def folder_tensor_bytes(folder: str) -> int:
