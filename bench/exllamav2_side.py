@@ -68,6 +68,6 @@ def measure(path: str, prompt_len: int = 128, new_tokens: int = 256, prefill_len
     prefill = sorted(prefill_once() for _ in range(repeats))[repeats // 2]
     peak = torch.cuda.max_memory_allocated()
     model.unload()
-    del gen, cache, model
+    gen = cache = model = None  # noqa: F841 - release before empty_cache
     torch.cuda.empty_cache()
     return {"engine": "exllamav2", "decode_tok_s": decode, "prefill_tok_s": prefill, "peak_vram_bytes": peak}
