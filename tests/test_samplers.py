@@ -364,11 +364,15 @@ MESSAGES = [{"role": "user", "content": "Write one sentence about the sea."}]
 
 @pytest.fixture(scope="module")
 def engine(smollm2_fp16_dir):
+    """One thread: on a shared 2-core machine torch's thread pool contends and runs ~8x slower."""
     from app.engine import Engine
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     e = Engine.load(smollm2_fp16_dir, device="cpu", max_seq_len=256)
     yield e
     e.unload()
+    torch.set_num_threads(threads)
 
 
 def _tokens(engine, samplers: dict, seed: int, n: int = 12) -> tuple[list[int], str]:

@@ -95,7 +95,7 @@ def test_sampler_panel_is_generated_from_the_registry(qtbot, tmp_path: Path) -> 
 
 def test_presets_builtin_apply_and_user_saved_as_json(qtbot, tmp_path: Path) -> None:
     names = [p.name for p in builtin_presets()]
-    assert names == ["Precise", "Balanced", "Creative"]
+    assert names[:3] == ["Precise", "Balanced", "Creative"]
     for preset in builtin_presets():
         for name, value in preset.samplers.items():
             SAMPLERS[name].validate(value)           # every built-in value is in range

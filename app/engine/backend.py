@@ -66,10 +66,12 @@ class TorchBackend:
     def mlp_act(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return F.silu(gate) * up
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                  window: int | None = None) -> torch.Tensor:
         """q: (B, T, H, D); k, v: (B, S, Hkv, D) holding positions 0..S-1, where S = start + T.
 
-        Query t sits at position start + t and attends to keys 0..start + t.
+        Query t sits at position start + t and attends to keys 0..start + t (only the last `window`
+        of them with a sliding window).
         """
         b, t, h, d = q.shape
         s, hkv = k.shape[1], k.shape[2]
@@ -81,11 +83,16 @@ class TorchBackend:
             else:
                 kh = kh.repeat_interleave(h // hkv, dim=1)
                 vh = vh.repeat_interleave(h // hkv, dim=1)
-        if t == 1:
+        windowed = window is not None and s > window
+        if t == 1 and not windowed:
             out = F.scaled_dot_product_attention(qh, kh, vh, **kwargs)
-        elif start == 0 and s == t:
+        elif start == 0 and s == t and not windowed:
             out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, **kwargs)
         else:
-            mask = (torch.arange(t, device=q.device)[:, None] + start) >= torch.arange(s, device=q.device)[None, :]
+            qpos = torch.arange(t, device=q.device)[:, None] + start
+            kpos = torch.arange(s, device=q.device)[None, :]
+            mask = qpos >= kpos
+            if windowed:
+                mask &= kpos > qpos - window
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, **kwargs)
         return out.transpose(1, 2).reshape(b, t, h * d)

@@ -65,6 +65,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str = "float16"
     quant: QuantInfo | None = None
+    sliding_window: int | None = None  # Mistral v0.1: each query sees only the last N keys
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -153,6 +154,7 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float16"),
             quant=quant,
+            sliding_window=_sliding_window(raw, traits),
             raw=raw,
         )
 
@@ -188,3 +190,12 @@ def _rope_settings(raw: dict[str, Any], path: str) -> tuple[dict[str, Any] | Non
     if kind == "default":
         return None, float(theta)
     return {**scaling, "rope_type": kind}, float(theta)
+
+
+def _sliding_window(raw: dict[str, Any], traits: ArchTraits) -> int | None:
+    """Mistral applies its window unless told otherwise; Qwen2 only with use_sliding_window."""
+    window = raw.get("sliding_window")
+    use = raw.get("use_sliding_window", traits.name == "mistral")
+    if use and isinstance(window, int) and not isinstance(window, bool) and window > 0:
+        return window
+    return None

@@ -125,7 +125,7 @@ class Transformer:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             if cache is not None:
                 k, v = cache.update(i, start, k, v)
-            x = x + be.linear(be.attention(q, k, v, start), layer.o_proj)
+            x = x + be.linear(be.attention(q, k, v, start, c.sliding_window), layer.o_proj)
             h = be.rms_norm(x, layer.post_norm, c.rms_norm_eps)
             x = x + be.linear(be.mlp_act(be.linear(h, layer.gate_proj), be.linear(h, layer.up_proj)),
                               layer.down_proj)
