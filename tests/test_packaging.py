@@ -48,6 +48,7 @@ def run_spec(monkeypatch, tmp_path: Path, platform: str) -> dict[str, dict[str, 
     hooks = types.ModuleType("PyInstaller.utils.hooks")
     hooks.collect_data_files = lambda package: [(f"<{package} data>", package)]
     hooks.collect_submodules = lambda package: [f"{package}.<submodules>"]
+    hooks.copy_metadata = lambda dist: [(f"<{dist} metadata>", ".")]
     monkeypatch.setitem(sys.modules, "PyInstaller", types.ModuleType("PyInstaller"))
     monkeypatch.setitem(sys.modules, "PyInstaller.utils", types.ModuleType("PyInstaller.utils"))
     monkeypatch.setitem(sys.modules, "PyInstaller.utils.hooks", hooks)
@@ -70,6 +71,8 @@ def test_spec_builds_a_windowed_one_folder_bundle_with_its_data(monkeypatch, tmp
     for src in datas.values():
         assert Path(src).exists(), f"the spec bundles {src}, which does not exist"
     assert "PySide6.QtSvg" in analysis["hiddenimports"]          # icons are SVG
+    metadata = {src for src, _ in analysis["datas"] if src.endswith(" metadata>")}
+    assert {"<torch metadata>", "<PySide6_Essentials metadata>", "<numpy metadata>"} <= metadata  # licenses
     assert "app.<submodules>" in analysis["hiddenimports"]       # lazily imported UI/engine modules
     for binary, dest in analysis["binaries"]:                    # the CUDA extension, when built
         assert dest == "app/engine" and binary.endswith((".so", ".pyd"))
