@@ -65,6 +65,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _collect_garbage_on_the_main_thread():
+    """Cycles left by one test (Qt widgets among them) are collected here, on the main thread, not
+    later inside some engine or server thread where deleting a Qt object crashes the process."""
+    yield
+    import gc
+
+    gc.collect()
+
+
 @pytest.fixture(scope="session")
 def smollm2_fp16_dir() -> str:
     return str(build_smollm2_fp16())

@@ -30,7 +30,7 @@ from PySide6.QtWidgets import (
 
 from app.store import Store, StoreError, Timings
 
-from . import backend
+from . import backend, gc_guard
 from .chat_view import ChatView
 from .conversation_list import ConversationList
 from .model_panel import ModelPanel, RecentModels
@@ -81,6 +81,7 @@ class _Bridge(QObject):
 class MainWindow(QMainWindow):
     def __init__(self, store: Store, config_dir: Path, theme: str = "light") -> None:
         super().__init__()
+        gc_guard.install()
         self.setWindowTitle("Kestrel")
         self.resize(1360, 860)
         self.setMinimumSize(900, 560)
