@@ -97,3 +97,25 @@ def smollm2_exl2_q8(smollm2_fp16_dir: str) -> str:
     from tests.exl2_fixtures import build
 
     return build(smollm2_fp16_dir, cache_root(), "q8")
+
+
+@pytest.fixture
+def hub():
+    """A real HTTP server on 127.0.0.1 speaking the Hub API subset Kestrel uses (tests/hubserver.py)."""
+    from tests.hubserver import HubServer, standard_repos
+
+    server = HubServer()
+    standard_repos(server)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def access(hub, tmp_path, monkeypatch):
+    """huggingface_hub pointed at the fake Hub, with no token or offline mode leaking in."""
+    from app.hub.access import HubAccess
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    return HubAccess(endpoint=hub.url, cache_dir=str(tmp_path / "hf-cache"))

@@ -25,30 +25,12 @@ from app.hub.browse import (
 from app.hub.errors import HubAuthError, HubError, HubNotFoundError, HubOfflineError, TokenStoreError
 from tests.hubserver import (
     TINY_CONFIG,
-    HubServer,
     git_blob_sha1,
-    standard_repos,
 )
 
 TINY = "kestrel-test/TinyLlama-1.1B-exl2"
 GATED = "kestrel-test/Gated-Llama-exl2"
 GATED_TOKEN = "hf_kestrel_test_token"
-
-
-@pytest.fixture
-def hub():
-    server = HubServer()
-    standard_repos(server)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def access(hub, tmp_path, monkeypatch):
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    return HubAccess(endpoint=hub.url, cache_dir=str(tmp_path / "hf-cache"))
 
 
 class MemoryKeyring(KeyringBackend):

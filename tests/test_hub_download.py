@@ -32,28 +32,12 @@ from app.hub.errors import (
     HubNotFoundError,
     HubOfflineError,
 )
-from tests.hubserver import HubServer, standard_repos
+from tests.hubserver import HubServer
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "kestrel-test/TinyLlama-1.1B-exl2"
 GATED = "kestrel-test/Gated-Llama-exl2"
 WEIGHTS = "output.safetensors"
-
-
-@pytest.fixture
-def hub():
-    server = HubServer()
-    standard_repos(server)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def access(hub, tmp_path, monkeypatch):
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    return HubAccess(endpoint=hub.url, cache_dir=str(tmp_path / "hf-cache"))
 
 
 def branch_files(hub: HubServer, repo: str = TINY, branch: str = "4_0") -> dict[str, bytes]:

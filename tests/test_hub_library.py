@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from app.engine.errors import ModelFormatError
-from app.hub.access import HubAccess
 from app.hub.download import DownloadJob, JobState
 from app.hub.errors import HubError
 from app.hub.library import (
@@ -19,25 +18,9 @@ from app.hub.library import (
     read_safetensors_header,
     scan_library,
 )
-from tests.hubserver import FIXTURE_PARAMS, FIXTURE_TENSORS, TINY_CONFIG, HubServer, standard_repos
+from tests.hubserver import FIXTURE_PARAMS, FIXTURE_TENSORS, TINY_CONFIG
 
 TINY = "kestrel-test/TinyLlama-1.1B-exl2"
-
-
-@pytest.fixture(scope="module")
-def hub():
-    server = HubServer()
-    standard_repos(server)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def access(hub, tmp_path, monkeypatch):
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    return HubAccess(endpoint=hub.url, cache_dir=str(tmp_path / "hf-cache"))
 
 
 def test_header_parsing_counts_exl2_layers_as_matrices(tmp_path, hub):
