@@ -21,7 +21,6 @@ from PySide6.QtWidgets import (
     QLineEdit,
     QProgressBar,
     QPushButton,
-    QScrollArea,
     QToolButton,
     QTreeWidget,
     QTreeWidgetItem,
@@ -33,7 +32,7 @@ from app.hub.access import HubAccess
 from app.hub.download import DownloadJob, DownloadProgress, JobState, pending_downloads
 from app.hub.errors import HubAuthError, TokenStoreError
 
-from .planner_view import error_words
+from .planner_view import error_words, scrolling_list
 
 PROGRESS_STEPS = 1000
 
@@ -275,15 +274,7 @@ class DownloadsView(QWidget):
         self.empty_label = QLabel("Nothing downloading. Pick a branch in Browse and press Download.")
         self.empty_label.setObjectName("ValueLabel")
         outer.addWidget(self.empty_label)
-        scroll = QScrollArea()
-        scroll.setWidgetResizable(True)
-        scroll.setFrameShape(QFrame.Shape.NoFrame)
-        body = QWidget()
-        self.list_layout = QVBoxLayout(body)
-        self.list_layout.setContentsMargins(0, 0, 0, 0)
-        self.list_layout.addStretch(1)
-        scroll.setWidget(body)
-        outer.addWidget(scroll, 1)
+        self.list_layout = scrolling_list(outer)
 
     def row_for(self, repo_id: str, branch: str) -> DownloadRow | None:
         return next((r for r in self.rows if r.job.repo_id == repo_id and r.job.branch == branch), None)

@@ -20,7 +20,6 @@ from PySide6.QtWidgets import (
     QLabel,
     QMessageBox,
     QPushButton,
-    QScrollArea,
     QVBoxLayout,
     QWidget,
 )
@@ -28,7 +27,15 @@ from PySide6.QtWidgets import (
 from app.hub.library import ModelCard, delete_model, scan_library
 
 from .downloads import human_bytes
-from .planner_view import BadgeLabel, GpuPicker, error_words, fit_badge, run_task, unknown_badge
+from .planner_view import (
+    BadgeLabel,
+    GpuPicker,
+    error_words,
+    fit_badge,
+    run_task,
+    scrolling_list,
+    unknown_badge,
+)
 
 
 def card_facts(card: ModelCard) -> list[tuple[str, str]]:
@@ -168,15 +175,7 @@ class LibraryView(QWidget):
         self.status.setObjectName("ValueLabel")
         self.status.setWordWrap(True)
         outer.addWidget(self.status)
-        scroll = QScrollArea()
-        scroll.setWidgetResizable(True)
-        scroll.setFrameShape(QFrame.Shape.NoFrame)
-        body = QWidget()
-        self.list_layout = QVBoxLayout(body)
-        self.list_layout.setContentsMargins(0, 0, 0, 0)
-        self.list_layout.addStretch(1)
-        scroll.setWidget(body)
-        outer.addWidget(scroll, 1)
+        self.list_layout = scrolling_list(outer)
 
     def refresh(self) -> None:
         if self.scanning:

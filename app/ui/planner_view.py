@@ -21,9 +21,11 @@ from PySide6.QtWidgets import (
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
+    QFrame,
     QHBoxLayout,
     QLabel,
     QPushButton,
+    QScrollArea,
     QSizePolicy,
     QSlider,
     QSpinBox,
@@ -88,6 +90,20 @@ def run_task(fn: Callable[[], Any], on_done: Callable[[Any], None],
     signals.done.connect(lambda r: finish(on_done, r))
     signals.failed.connect(lambda e: finish(on_error, e))
     QThreadPool.globalInstance().start(_Task(fn, signals))
+
+
+def scrolling_list(outer: QVBoxLayout) -> QVBoxLayout:
+    """A frameless scroll area filling `outer`; returns the column to add cards/rows to (above a stretch)."""
+    scroll = QScrollArea()
+    scroll.setWidgetResizable(True)
+    scroll.setFrameShape(QFrame.Shape.NoFrame)
+    body = QWidget()
+    column = QVBoxLayout(body)
+    column.setContentsMargins(0, 0, 0, 0)
+    column.addStretch(1)
+    scroll.setWidget(body)
+    outer.addWidget(scroll, 1)
+    return column
 
 
 def error_words(exc: BaseException) -> str:
