@@ -14,9 +14,7 @@ import json
 import os
 from pathlib import Path
 
-import keyring
 import pytest
-from keyring.backend import KeyringBackend
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QInputDialog
 
@@ -77,25 +75,6 @@ def tiny_llama_files(smollm2_dir: str) -> dict[str, bytes]:
     return files
 
 
-class MemoryKeyring(KeyringBackend):
-    """A keyring backend kept in memory, so the test never writes into the user's real keyring."""
-
-    priority = 1  # type: ignore[assignment]
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.store: dict[tuple[str, str], str] = {}
-
-    def get_password(self, service: str, username: str) -> str | None:
-        return self.store.get((service, username))
-
-    def set_password(self, service: str, username: str, password: str) -> None:
-        self.store[(service, username)] = password
-
-    def delete_password(self, service: str, username: str) -> None:
-        self.store.pop((service, username), None)
-
-
 @pytest.fixture(scope="module")
 def chat_files(smollm2_fp16_dir: str) -> dict[str, bytes]:
     return tiny_llama_files(smollm2_fp16_dir)
@@ -112,15 +91,6 @@ def hub(chat_files):
     server.start()
     yield server
     server.stop()
-
-
-@pytest.fixture
-def memory_keyring():
-    previous = keyring.get_keyring()
-    ring = MemoryKeyring()
-    keyring.set_keyring(ring)
-    yield ring
-    keyring.set_keyring(previous)
 
 
 @pytest.fixture

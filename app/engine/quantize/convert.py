@@ -148,11 +148,7 @@ def run_measurement(src: str, ids: torch.Tensor, job: Job, device: torch.device,
     try:
         runner = BlockRunner(config, device, ids.shape[1])
         start = job.state["measure_next"]
-        states = job.states("measure_states", start) if start else None
-        if start and states is None:
-            raise QuantizeError("the measurement checkpoint is missing", path=job.folder,
-                                hint="Delete the job folder to start over.")
-        states = _embed(store, ids, device) if states is None else states.to(device)
+        states = _resume_states(job, "measure", start, store, ids, device)
         for i in range(start, config.num_layers):
             lw = read_layer(store, config, i)
             for kind in ("self_attn", "mlp"):
@@ -215,6 +211,19 @@ def _load_layers(path: str) -> dict[str, Exl2Tensors]:
     return {k: Exl2Tensors(bias=raw.get(f"{k}.bias"), **{s: raw[f"{k}.{s}"] for s in EXL2_SUFFIXES}) for k in keys}
 
 
+def _resume_states(job: Job, stage: str, start: int, store: TensorStore, ids: torch.Tensor,
+                   device: torch.device) -> torch.Tensor:
+    """Hidden states entering layer `start` of a stage: the checkpoint, or the embeddings at 0."""
+    if not start:
+        return _embed(store, ids, device)
+    states = job.states(f"{stage}_states", start)
+    if states is None:
+        what = "measurement" if stage == "measure" else "quantization"
+        raise QuantizeError(f"the {what} checkpoint is missing", path=job.folder,
+                            hint="Delete the job folder to start over.")
+    return states.to(device)
+
+
 def run_quantize(src: str, ids: torch.Tensor, job: Job, chosen: dict[str, Option], head_bits: int,
                  device: torch.device, report: Progress, cancel: threading.Event | None) -> None:
     config = ModelConfig.from_folder(src)
@@ -222,11 +231,7 @@ def run_quantize(src: str, ids: torch.Tensor, job: Job, chosen: dict[str, Option
     try:
         runner = BlockRunner(config, device, ids.shape[1])
         start = job.state["quant_next"]
-        states = job.states("quant_states", start) if start else None
-        if start and states is None:
-            raise QuantizeError("the quantization checkpoint is missing", path=job.folder,
-                                hint="Delete the job folder to start over.")
-        states = _embed(store, ids, device) if states is None else states.to(device)
+        states = _resume_states(job, "quant", start, store, ids, device)
         n = config.num_layers
         for i in range(start, n):
             _check(cancel)
