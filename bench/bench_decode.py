@@ -1,7 +1,8 @@
 """Decode and prefill speed of EXL2 models with the torch and cuda backends (run on the GPU machine).
 
 For each EXL2 folder and backend: decode tok/s (batch 1, 128-token prompt, 256 new greedy tokens,
-argmax kept on the GPU, after a warm-up), prefill tok/s (2048-token prompt, best of 3 after a warm-up),
+the host reading every token as a chat does, after a warm-up; through the captured CUDA graph, and
+eagerly for comparison), prefill tok/s (2048-token prompt, best of 3 after a warm-up),
 peak VRAM, and how many greedy tokens agree with the torch backend. Then a kernel-level table: the
 gemv alone against F.linear on the dequantized weight for Llama-size layers, with achieved GB/s.
 exllamav2 side by side: add a runner to EXTRA_RUNNERS (same signature as bench_backend).
@@ -24,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from app.engine.backend import Linear  # noqa: E402
 from app.engine.exl2 import Exl2Tensors, pack_scales  # noqa: E402
+from app.engine.graphs import DecodeGraph  # noqa: E402
 from app.engine.loader import load_model  # noqa: E402
 
 # name -> fn(folder, args) returning a result dict like bench_backend's (the lead adds exllamav2 here)
@@ -63,24 +65,36 @@ def bench_backend(folder: str, backend: str, args: argparse.Namespace) -> dict:
         return toks
 
     decode(16)  # warm-up: allocator, cuBLAS handles, kernel caches
-    cache.reset()
-    logits = model.forward(prompt, cache, 0, last_only=True)
-    tok = logits[:, -1].argmax(-1, keepdim=True)
-    tokens = []
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    t0 = time.perf_counter()
-    start.record()
-    for i in range(args.new):
-        tokens.append(tok)
-        logits = model.forward(tok, cache, args.prompt + i)
-        tok = logits[:, -1].argmax(-1, keepdim=True)
-    end.record()
-    torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
-    decode_s = start.elapsed_time(end) / 1000
-    token_ids = torch.cat(tokens).flatten().tolist()
 
+    def timed_eager() -> tuple[float, list[int]]:
+        cache.reset()
+        logits = model.forward(prompt, cache, 0, last_only=True)
+        tok = int(logits[0, -1].argmax())
+        out = []
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(args.new):
+            out.append(tok)
+            logits = model.forward(torch.tensor([[tok]], device="cuda"), cache, args.prompt + i)
+            tok = int(logits[0, -1].argmax())  # the host reads every token, as a chat does
+        return args.new / (time.perf_counter() - t0), out
+
+    def timed_graph() -> tuple[float, list[int]]:
+        graph = DecodeGraph(model, cache)
+        cache.reset()
+        logits = model.forward(prompt, cache, 0, last_only=True)
+        tok = int(logits[0, -1].argmax())
+        out = []
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(args.new):
+            out.append(tok)
+            tok = int(graph.step(tok, args.prompt + i).argmax())
+        return args.new / (time.perf_counter() - t0), out
+
+    eager_tps, token_ids = timed_eager()
+    graph_tps, graph_ids = timed_graph()
+    graph_tps = max(graph_tps, timed_graph()[0])
     long_prompt = torch.randint(100, vocab - 100, (1, args.prefill), generator=gen).cuda()
 
     def prefill() -> None:
@@ -91,7 +105,9 @@ def bench_backend(folder: str, backend: str, args: argparse.Namespace) -> dict:
     prefill_s = min(_sync_time(prefill) for _ in range(3))
     result = {
         "backend": model.backend.name, "load_s": round(t_load, 2),
-        "decode_tok_s": round(args.new / decode_s, 1), "decode_wall_tok_s": round(args.new / wall, 1),
+        "decode_tok_s": round(graph_tps, 1), "decode_eager_tok_s": round(eager_tps, 1),
+        "graph_tokens_equal_eager": next((i for i, (a, b) in enumerate(zip(token_ids, graph_ids)) if a != b),
+                                         len(token_ids)),
         "prefill_tok_s": round(args.prefill / prefill_s, 1),
         "peak_vram_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1),
         "tokens": token_ids,
@@ -150,7 +166,18 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--prefill", type=int, default=2048)
     ap.add_argument("--no-kernels", action="store_true", help="skip the kernel-level table")
+    ap.add_argument("--exllamav2", action="store_true", help="measure exllamav2 0.3.2 on each folder too")
     args = ap.parse_args()
+    if args.exllamav2:
+        from bench.exllamav2_side import measure
+
+        def run_exllamav2(folder: str, a: argparse.Namespace) -> dict:
+            r = measure(folder, a.prompt, a.new, a.prefill)
+            return {"backend": "exllamav2", "decode_tok_s": round(r["decode_tok_s"], 1),
+                    "prefill_tok_s": round(r["prefill_tok_s"], 1),
+                    "peak_vram_mib": round(r["peak_vram_bytes"] / 2**20, 1)}
+
+        EXTRA_RUNNERS["exllamav2"] = run_exllamav2
     out_path = args.out or os.path.join(os.environ.get("OUT", "."), "bench_decode.json")
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "models": {}}
     for folder in args.folders:
@@ -179,6 +206,14 @@ def main() -> None:
                 continue
             print(f"{name:<12}{r['decode_tok_s']:>14}{r['prefill_tok_s']:>15}{r['peak_vram_mib']:>10}"
                   f"{r.get('greedy_tokens_equal_to_torch', '-'):>11}")
+        ex = runs.get("exllamav2", {})
+        ours = runs.get("cuda", {})
+        if "decode_tok_s" in ex and "decode_tok_s" in ours:
+            ratios = {"decode": ours["decode_tok_s"] / ex["decode_tok_s"],
+                      "prefill": ours["prefill_tok_s"] / ex["prefill_tok_s"],
+                      "peak_vram": ours["peak_vram_mib"] / ex["peak_vram_mib"]}
+            runs["ratio_cuda_vs_exllamav2"] = {k: round(v, 3) for k, v in ratios.items()}
+            print("cuda / exllamav2: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     if not args.no_kernels and "cuda" in args.backends:
         try:
             report["kernels"] = bench_kernels(args)

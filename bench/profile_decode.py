@@ -33,7 +33,18 @@ def main() -> int:
     for i in range(20):
         m.forward(tok, cache, 133 + i)
     torch.cuda.synchronize()
-    print(f"{a.backend}: {(time.perf_counter() - t0) / 20 * 1000:.2f} ms per token (wall)")
+    print(f"{a.backend}: {(time.perf_counter() - t0) / 20 * 1000:.2f} ms per token (wall, eager)")
+    from app.engine.graphs import DecodeGraph
+
+    g = DecodeGraph(m, cache)
+    for i in range(5):
+        g.step(42, 200 + i)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(50):
+        g.step(42, 210 + i)
+    torch.cuda.synchronize()
+    print(f"{a.backend}: {(time.perf_counter() - t0) / 50 * 1000:.3f} ms per token (wall, CUDA graph)")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as p:
         for i in range(3):

@@ -230,3 +230,65 @@ def test_model_greedy_tokens_match_torch_backend(backend, smollm2_exl2_mixed, re
             store.close()
         lin = model.linears()[name]
         assert torch.equal(model.dequantized_weight(name), t.dequantize(lin.in_features, lin.out_features))
+
+
+@pytest.mark.parametrize("h,hkv,d", [(9, 3, 64), (32, 8, 128), (5, 1, 80)])
+def test_rope_cache_decode(backend, h: int, hkv: int, d: int) -> None:
+    """One kernel for RoPE at device-side positions plus the k/v cache write, rows at other positions."""
+    gen = torch.Generator().manual_seed(h * d)
+    inv, attn = inv_freq_for(d, 10000.0, None, 4096)
+    cos, sin = rope_tables(inv, attn, 1000, "cuda", torch.float16)
+    q = torch.randn(2, 1, h, d, generator=gen).half().cuda()
+    k = torch.randn(2, 1, hkv, d, generator=gen).half().cuda()
+    v = torch.randn(2, 1, hkv, d, generator=gen).half().cuda()
+    pos = torch.tensor([3, 997], dtype=torch.int32, device="cuda")
+    ref = TorchBackend(torch.device("cuda"), torch.float16)
+    caches = [torch.zeros(2, 1000, hkv, d, dtype=torch.float16, device="cuda") for _ in range(4)]
+    want_q = ref.rope_cache_decode(q, k, v, cos, sin, pos, caches[0], caches[1])
+    got_q = backend.rope_cache_decode(q, k, v, cos, sin, pos, caches[2], caches[3])
+    torch.testing.assert_close(got_q, want_q, rtol=1e-3, atol=2e-3)
+    torch.testing.assert_close(caches[2], caches[0], rtol=1e-3, atol=2e-3)
+    assert torch.equal(caches[3], caches[1])
+    assert caches[2][0, 3].abs().sum() > 0 and caches[2][0, 4].abs().sum() == 0
+
+
+@pytest.mark.parametrize("h,hkv,d", [(9, 3, 64), (32, 8, 128), (4, 4, 96)])
+@pytest.mark.parametrize("lengths", [(1, 37), (300, 1000), (4999, 5000)])
+@pytest.mark.parametrize("window", [None, 5, 700])
+def test_attention_cached(backend, h: int, hkv: int, d: int, lengths: tuple[int, int], window) -> None:
+    """Attention over the first lengths[b] keys of a 5000-slot cache, read from the device."""
+    gen = torch.Generator().manual_seed(h + lengths[1])
+    kc = torch.randn(2, 5000, hkv, d, generator=gen).half().cuda()
+    vc = torch.randn(2, 5000, hkv, d, generator=gen).half().cuda()
+    q = torch.randn(2, 1, h, d, generator=gen).half().cuda()
+    n = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    want = TorchBackend(torch.device("cuda"), torch.float16).attention_cached(q, kc, vc, n, window)
+    got = backend.attention_cached(q, kc, vc, n, window)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-3, atol=2e-3)
+    # and the same as the eager decode attention on the valid span of each row
+    for b, s in enumerate(lengths):
+        eager = backend.attention(q[b:b + 1], kc[b:b + 1, :s], vc[b:b + 1, :s], s - 1, window)
+        torch.testing.assert_close(got[b:b + 1].float(), eager.float(), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("backend_name", ["cuda", "torch"])
+def test_graph_decode_gives_the_eager_tokens(smollm2_exl2_mixed, reference_dir, monkeypatch,
+                                             backend_name: str) -> None:
+    """The captured decode step replays to the same greedy tokens as eager decoding."""
+    from app.engine import Engine
+    from app.engine.types import GenerationSettings
+
+    ids = [int(t) for t in np.load(reference_dir / "prompt_ids.npy")[0]]
+    settings = GenerationSettings(max_new_tokens=48, samplers={"temperature": 0.0}, stop_on_eos=False)
+    engine = Engine.load(smollm2_exl2_mixed, "cuda", backend=backend_name, max_seq_len=1024)
+    graph_text, graph_last = engine.generator.generate(ids, settings)
+    assert engine.generator._graph is not None, "the decode step was not captured"
+    monkeypatch.setenv("KESTREL_CUDA_GRAPHS", "0")
+    eager = Engine.load(smollm2_exl2_mixed, "cuda", backend=backend_name, max_seq_len=1024)
+    eager_text, eager_last = eager.generator.generate(ids, settings)
+    assert eager.generator._graph is None
+    assert graph_last.generated_tokens == eager_last.generated_tokens == 48
+    assert graph_text == eager_text
+    # a second request on the same cache (prompt caching) replays the same graph
+    again, _ = engine.generator.generate(ids, settings)
+    assert again == graph_text

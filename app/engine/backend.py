@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .exl2 import Exl2Tensors
+from .rope import apply_rope
 
 
 @dataclass
@@ -63,8 +64,54 @@ class TorchBackend:
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         return (y * weight.float()).to(x.dtype)
 
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual, RMSNorm(x + residual)): the block's residual add and the next norm."""
+        x = x + residual
+        return x, self.rms_norm(x, weight, eps)
+
     def mlp_act(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return F.silu(gate) * up
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return apply_rope(x, cos, sin)
+
+    # --- decode at device-side positions (CUDA-graph safe: no position is read on the host) ------
+
+    def rope_cache_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_table: torch.Tensor,
+                          sin_table: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor,
+                          v_cache: torch.Tensor) -> torch.Tensor:
+        """q, k, v: (B, 1, heads, D) of one token per row at positions pos (int32, (B,)). Rotates q
+        and k, writes k and v into the caches (B, S, Hkv, D) at pos, returns the rotated q."""
+        idx = pos.long()
+        cos = cos_table.index_select(0, idx)[:, None, None, :]
+        sin = sin_table.index_select(0, idx)[:, None, None, :]
+        half = q.shape[-1] // 2
+
+        def rot(x: torch.Tensor) -> torch.Tensor:
+            return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+        rows = torch.arange(q.shape[0], device=q.device)
+        k_cache[rows, idx] = rot(k)[:, 0]
+        v_cache[rows, idx] = v[:, 0]
+        return rot(q)
+
+    def attention_cached(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         lengths: torch.Tensor, window: int | None = None) -> torch.Tensor:
+        """One query per row over keys [0, lengths[b]) of a static cache (the last `window` only
+        with a sliding window): every key is scored and the rest masked, so shapes never change."""
+        b, _, h, d = q.shape
+        s, hkv = k_cache.shape[1], k_cache.shape[2]
+        qg = q.reshape(b, hkv, h // hkv, d)
+        scores = torch.matmul(qg, k_cache.permute(0, 2, 3, 1)).float() * (d ** -0.5)  # (B, Hkv, G, S)
+        kpos = torch.arange(s, device=q.device)[None, :]
+        n = lengths.long()[:, None]
+        valid = kpos < n
+        if window:
+            valid &= kpos >= n - window
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(v_cache.dtype)
+        return torch.matmul(probs, v_cache.transpose(1, 2)).reshape(b, 1, h * d)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
                   window: int | None = None) -> torch.Tensor:

@@ -228,6 +228,28 @@ class CudaBackend(TorchBackend):
         """Same result as rope.apply_rope; x (B, T, H, D), cos/sin (T, D) of x's dtype."""
         return self.ext.rope(x, cos.to(x.dtype), sin.to(x.dtype))
 
+    def rope_cache_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_table: torch.Tensor,
+                          sin_table: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor,
+                          v_cache: torch.Tensor) -> torch.Tensor:
+        """One kernel for RoPE of q and k and the cache write of k and v (see TorchBackend)."""
+        if q.dtype not in (torch.float16, torch.bfloat16) or k_cache.dtype != q.dtype:
+            return super().rope_cache_decode(q, k, v, cos_table, sin_table, pos, k_cache, v_cache)
+        return self.ext.rope_cache_decode(q.contiguous(), k.contiguous(), v.contiguous(), cos_table, sin_table,
+                                          pos, k_cache, v_cache)
+
+    def attention_cached(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         lengths: torch.Tensor, window: int | None = None) -> torch.Tensor:
+        b, _, h, d = q.shape
+        if d > 256 or d % 2 or k_cache.dtype != q.dtype:
+            return super().attention_cached(q, k_cache, v_cache, lengths, window)
+        s = k_cache.shape[1]
+        splits = self.decode_splits(b, h, s)
+        return self.ext.attention_decode_cached(q.contiguous(), k_cache, v_cache, lengths, splits, int(window or 0))
+
+    def decode_splits(self, b: int, h: int, s: int) -> int:
+        """Key-axis splits: enough blocks for two waves over the SMs, at least 64 keys per split."""
+        return max(1, min(-(-s // 64), -(-2 * self._sms // (b * h))))
+
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
                   window: int | None = None) -> torch.Tensor:
         b, t, h, d = q.shape
@@ -235,6 +257,4 @@ class CudaBackend(TorchBackend):
             return super().attention(q, k, v, start, window)  # prefill: torch SDPA (flash / efficient)
         if window is not None and k.shape[1] > window:  # sliding window: the query sees the last `window` keys
             k, v = k[:, -window:], v[:, -window:]
-        s = k.shape[1]
-        splits = max(1, min(-(-s // 64), -(-2 * self._sms // (b * h))))
-        return self.ext.attention_decode(q, k, v, splits)
+        return self.ext.attention_decode(q, k, v, self.decode_splits(b, h, k.shape[1]))

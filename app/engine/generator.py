@@ -8,6 +8,7 @@ between decode steps.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -16,10 +17,13 @@ import torch
 
 from .cache import KVCache
 from .errors import GenerationError, OutOfMemoryError
+from .graphs import DecodeGraph, graphs_enabled
 from .model import Transformer
 from .samplers import BannedStringGuard, SamplerContext, SamplerState, sample, validate_settings
 from .tokenizer import StopStringMatcher, Tokenizer
 from .types import Chunk, GenerationSettings
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK = 2048
 MAX_BANNED_STRING_ROLLBACKS = 512  # per request; past this the banned strings cannot be avoided
@@ -58,6 +62,8 @@ class Generator:
         self._cached_ids: list[int] = []
         self._cancel = threading.Event()
         self._lock = threading.Lock()
+        self._graph: DecodeGraph | None = None
+        self._graph_failed = False
 
     # --- control -------------------------------------------------------------------------------
 
@@ -123,7 +129,8 @@ class Generator:
     def _run(self, ids: list[int], settings: GenerationSettings, samplers: dict, max_new: int) -> Iterator[Chunk]:
         gen = None
         if settings.seed is not None:
-            gen = torch.Generator().manual_seed(int(settings.seed))
+            # drawn where the logits are, so sampling never copies a vocab-sized row to the host
+            gen = torch.Generator(device=self.model.device).manual_seed(int(settings.seed))
         decoder = self.tokenizer.stream_decoder()
         stops = StopStringMatcher(list(settings.stop_strings))
         eos = self.tokenizer.eos_ids if settings.stop_on_eos else frozenset()
@@ -191,8 +198,7 @@ class Generator:
                 continue
             pos = len(self._cached_ids)
             try:
-                logits = self.model.forward(torch.tensor([[token]], device=self.model.device),
-                                            self.cache, pos)[0, -1]
+                logits = self._decode_one(token, pos)
             except torch.cuda.OutOfMemoryError as e:
                 raise OutOfMemoryError("the GPU ran out of memory mid-reply",
                                        hint="Use a smaller context, a lower-bpw model or a Q4 cache.") from e
@@ -201,6 +207,21 @@ class Generator:
         if not stopped:
             tail += stops.flush()
         yield chunk(tail, [], "stop" if stopped else reason)
+
+    def _decode_one(self, token: int, pos: int) -> torch.Tensor:
+        """Logits after feeding one token at `pos`: a CUDA-graph replay where possible."""
+        cache = self.cache
+        if self._graph is None or self._graph.cache is not cache:
+            self._graph = None
+            if not self._graph_failed and graphs_enabled(self.model, cache):
+                try:
+                    self._graph = DecodeGraph(self.model, cache)
+                except RuntimeError as e:  # an op that cannot be captured: run eagerly from now on
+                    self._graph_failed = True
+                    log.warning("CUDA graph capture failed, decoding without it: %s", str(e).splitlines()[0])
+        if self._graph is not None:
+            return self._graph.step(token, pos)
+        return self.model.forward(torch.tensor([[token]], device=self.model.device), cache, pos)[0, -1]
 
     def _rewind_completion(self, n_prompt: int, generated: list[int], back: int,
                            bans: dict[int, set[int]], saved: dict[int, torch.Tensor]):

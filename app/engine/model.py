@@ -16,7 +16,7 @@ from .backend import Linear, TorchBackend
 from .cache import KVCache
 from .config import ModelConfig
 from .errors import ModelFormatError
-from .rope import apply_rope, inv_freq_for, rope_tables
+from .rope import inv_freq_for, rope_tables
 
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -106,35 +106,79 @@ class Transformer:
                 c.head_dim, c.rope_theta, scaling, c.max_position_embeddings, seq_len)
             self._rope_len = 0
 
+    def _linear(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:
+        """Every linear layer of the model runs through here (one place for run-time additions)."""
+        return self.backend.linear(x, lin)
+
+    def _attn_qkv(self, layer: Layer, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        c = self.config
+        b, t = h.shape[0], h.shape[1]
+        q = self._linear(h, layer.q_proj).view(b, t, c.num_heads, c.head_dim)
+        k = self._linear(h, layer.k_proj).view(b, t, c.num_kv_heads, c.head_dim)
+        v = self._linear(h, layer.v_proj).view(b, t, c.num_kv_heads, c.head_dim)
+        if layer.q_norm is not None:
+            q = self.backend.rms_norm(q, layer.q_norm, c.rms_norm_eps)
+            k = self.backend.rms_norm(k, layer.k_norm, c.rms_norm_eps)
+        return q, k, v
+
+    def _mlp(self, layer: Layer, h: torch.Tensor) -> torch.Tensor:
+        act = self.backend.mlp_act(self._linear(h, layer.gate_proj), self._linear(h, layer.up_proj))
+        return self._linear(act, layer.down_proj)
+
+    def _next_norm(self, i: int) -> torch.Tensor:
+        return self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
+
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, start: int = 0,
                 last_only: bool = False) -> torch.Tensor:
         """ids (B, T) -> float32 logits (B, T or 1, vocab). With a cache, positions start at `start`."""
         c, be = self.config, self.backend
-        b, t = ids.shape
+        t = ids.shape[1]
         x = self.embed[ids.to(self.embed.device)].to(self.dtype)
         cos, sin = self._rope(start, t)
+        h = be.rms_norm(x, self.layers[0].input_norm, c.rms_norm_eps)
         for i, layer in enumerate(self.layers):
-            h = be.rms_norm(x, layer.input_norm, c.rms_norm_eps)
-            q = be.linear(h, layer.q_proj).view(b, t, c.num_heads, c.head_dim)
-            k = be.linear(h, layer.k_proj).view(b, t, c.num_kv_heads, c.head_dim)
-            v = be.linear(h, layer.v_proj).view(b, t, c.num_kv_heads, c.head_dim)
-            if layer.q_norm is not None:
-                q = be.rms_norm(q, layer.q_norm, c.rms_norm_eps)
-                k = be.rms_norm(k, layer.k_norm, c.rms_norm_eps)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k, v = self._attn_qkv(layer, h)
+            q, k = be.rope(q, cos, sin), be.rope(k, cos, sin)
             if cache is not None:
                 k, v = cache.update(i, start, k, v)
-            x = x + be.linear(be.attention(q, k, v, start, c.sliding_window), layer.o_proj)
-            h = be.rms_norm(x, layer.post_norm, c.rms_norm_eps)
-            x = x + be.linear(be.mlp_act(be.linear(h, layer.gate_proj), be.linear(h, layer.up_proj)),
-                              layer.down_proj)
+            x, h = be.add_rms_norm(x, self._linear(be.attention(q, k, v, start, c.sliding_window), layer.o_proj),
+                                   layer.post_norm, c.rms_norm_eps)
+            x, h = be.add_rms_norm(x, self._mlp(layer, h), self._next_norm(i), c.rms_norm_eps)
         if cache is not None:
             cache.length = start + t
         if last_only:
-            x = x[:, -1:]
-        x = be.rms_norm(x, self.norm, c.rms_norm_eps)
-        return be.linear(x, self.head).float()
+            h = h[:, -1:]
+        return self._linear(h, self.head).float()
+
+    # --- decode at device-side positions -------------------------------------------------------
+
+    def prepare_decode(self, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables covering the whole cache, built before a decode step is captured."""
+        self._rope(0, max_seq_len)
+        assert self._cos is not None and self._sin is not None
+        return self._cos, self._sin
+
+    @torch.inference_mode()
+    def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One token per row (tokens (B, 1) int64) at positions pos (int32 (B,), on the device):
+        float32 logits (B, vocab). No position is read on the host, so the step can be captured in
+        a CUDA graph once and replayed at every position (app/engine/graphs.py). Needs an fp16/bf16
+        cache and prepare_decode(cache.max_seq_len) first; does not touch cache.length."""
+        c, be = self.config, self.backend
+        b = tokens.shape[0]
+        cos, sin = self._cos, self._sin
+        assert cos is not None and sin is not None and self._rope_len >= cache.max_seq_len
+        lengths = pos + 1
+        x = self.embed[tokens.view(-1)].view(b, 1, -1).to(self.dtype)
+        h = be.rms_norm(x, self.layers[0].input_norm, c.rms_norm_eps)
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._attn_qkv(layer, h)
+            q = be.rope_cache_decode(q, k, v, cos, sin, pos, cache.keys[i], cache.values[i])
+            attn = be.attention_cached(q, cache.keys[i], cache.values[i], lengths, c.sliding_window)
+            x, h = be.add_rms_norm(x, self._linear(attn, layer.o_proj), layer.post_norm, c.rms_norm_eps)
+            x, h = be.add_rms_norm(x, self._mlp(layer, h), self._next_norm(i), c.rms_norm_eps)
+        return self._linear(h, self.head).float().view(b, -1)
 
     def allocate_cache(self, max_seq_len: int, batch: int = 1, mode: str = "fp16") -> KVCache:
         self.set_rope_length(max_seq_len)

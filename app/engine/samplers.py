@@ -451,7 +451,8 @@ def xtc(logits: torch.Tensor, value: float, ctx: SamplerContext) -> torch.Tensor
     except the least likely of them. Skipped if that would remove a newline or EOS token."""
     import torch
 
-    if float(torch.rand(1, generator=ctx.generator)) >= value:
+    device = ctx.generator.device if ctx.generator is not None else "cpu"
+    if float(torch.rand(1, generator=ctx.generator, device=device)) >= value:
         return logits
     threshold = float(ctx.settings.get("xtc_threshold", 0.1))
     ids, values = _candidates(logits)
@@ -503,6 +504,13 @@ def skew(logits: torch.Tensor, value: float, ctx: SamplerContext) -> torch.Tenso
     return out
 
 
+def on_generator_device(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Draw where the generator lives: on the GPU for a seeded GPU run (no host copy of the row)."""
+    if generator is None:
+        return probs if probs.is_cuda else probs.cpu()
+    return probs.to(generator.device)
+
+
 def mirostat_draw(logits: torch.Tensor, settings: Mapping[str, Any], state: SamplerState,
                   generator: torch.Generator | None) -> int:
     """Mirostat v2: keep the tokens whose surprise (-log2 p) is at most mu, draw among them, then move
@@ -516,7 +524,7 @@ def mirostat_draw(logits: torch.Tensor, settings: Mapping[str, Any], state: Samp
     probs = torch.softmax(values, dim=-1)
     keep = max(1, int((-torch.log2(probs) <= mu).sum()))
     kept = probs[:keep] / probs[:keep].sum()
-    pick = int(torch.multinomial(kept.cpu(), 1, generator=generator))
+    pick = int(torch.multinomial(on_generator_device(kept, generator), 1, generator=generator))
     state.mirostat_mu = mu - eta * (-math.log2(float(kept[pick])) - tau)
     return int(ids[pick])
 
@@ -684,7 +692,7 @@ def sample(logits: torch.Tensor, settings: Mapping[str, Any], ctx: SamplerContex
     if mirostat_on(settings):
         return mirostat_draw(x, settings, ctx.state, generator)
     probs = torch.softmax(x, dim=-1)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    return int(torch.multinomial(on_generator_device(probs, generator), 1, generator=generator))
 
 
 # --- banned strings: text side of the rollback (the generator rewinds the cache) -------------------

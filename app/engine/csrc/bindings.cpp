@@ -12,6 +12,10 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor we
 torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up);
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos_t, torch::Tensor sin_t);
 torch::Tensor attention_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t num_splits);
+torch::Tensor attention_decode_cached(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                      torch::Tensor lengths, int64_t num_splits, int64_t window);
+torch::Tensor rope_cache_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos_t,
+                                torch::Tensor sin_t, torch::Tensor pos, torch::Tensor k_cache, torch::Tensor v_cache);
 }  // namespace kestrel
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -22,4 +26,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &kestrel::silu_mul, "silu(gate) * up");
   m.def("rope", &kestrel::rope, "rotate-half RoPE from (T, D) cos/sin tables");
   m.def("attention_decode", &kestrel::attention_decode, "one-token attention over the KV cache (GQA)");
+  m.def("attention_decode_cached", &kestrel::attention_decode_cached,
+        "one-token attention over the first lengths[b] keys of a static cache (CUDA-graph safe)");
+  m.def("rope_cache_decode", &kestrel::rope_cache_decode,
+        "RoPE of one token's q/k at device-side positions, and the k/v cache write");
 }

@@ -107,14 +107,20 @@ constexpr int ATTN_MAX_DPL = 8;  // head_dim up to 256
 
 template <typename T>
 __global__ void attn_decode_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                                   float* __restrict__ part, int H, int Hkv, int D, int S, int keys_per_split,
+                                   float* __restrict__ part, const int* __restrict__ lengths, int window,
+                                   int H, int Hkv, int D, int S,
                                    int64_t q_sb, int64_t q_sh, int64_t k_sb, int64_t k_ss, int64_t k_sh,
                                    int64_t v_sb, int64_t v_ss, int64_t v_sh, float scale) {
   const int h = blockIdx.x, b = blockIdx.y, split = blockIdx.z;
   const int hk = h / (H / Hkv);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int s0 = split * keys_per_split;
-  const int s1 = min(S, s0 + keys_per_split);
+  // Keys [begin, len) of this row: len comes from device memory when `lengths` is given (so a CUDA
+  // graph can replay the step at any position); a sliding window keeps only the last `window`.
+  const int len = lengths ? min(S, __ldg(lengths + b)) : S;
+  const int begin = (window > 0 && len > window) ? len - window : 0;
+  const int keys_per_split = (len - begin + (int)gridDim.z - 1) / (int)gridDim.z;
+  const int s0 = begin + split * keys_per_split;
+  const int s1 = min(len, s0 + keys_per_split);
   const T* qv = q + b * q_sb + h * q_sh;
   const T* kb = k + b * k_sb + hk * k_sh;
   const T* vb = v + b * v_sb + hk * v_sh;
@@ -276,8 +282,11 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos_t, torch::Tensor sin_t) {
   return out;
 }
 
-// q: (B, 1, H, D); k, v: (B, S, Hkv, D) with unit stride over D. Returns (B, 1, H*D).
-torch::Tensor attention_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t num_splits) {
+// q: (B, 1, H, D); k, v: (B, S, Hkv, D) with unit stride over D. Returns (B, 1, H*D). With a
+// non-empty `lengths` (int32, (B,)) row b attends to keys [0, lengths[b]) only (the rest of the cache
+// is ignored), and window > 0 keeps the last `window` of those.
+static torch::Tensor attention_impl(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lengths,
+                                    int64_t num_splits, int64_t window) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 4 && q.size(1) == 1, "attention_decode: q must be CUDA (B, 1, H, D)");
   TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes() && k.size(0) == q.size(0) && k.size(3) == q.size(3),
               "attention_decode: k, v must be (B, S, Hkv, D) matching q");
@@ -286,24 +295,109 @@ torch::Tensor attention_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v
   const int B = (int)q.size(0), H = (int)q.size(2), D = (int)q.size(3);
   const int S = (int)k.size(1), Hkv = (int)k.size(2);
   TORCH_CHECK(D <= 32 * ATTN_MAX_DPL && Hkv > 0 && H % Hkv == 0 && S > 0, "attention_decode: unsupported shape");
+  const bool has_len = lengths.defined() && lengths.numel() > 0;
+  if (has_len)
+    TORCH_CHECK(lengths.is_cuda() && lengths.scalar_type() == torch::kInt32 && lengths.numel() == B,
+                "attention_decode: lengths must be a CUDA int32 (B,) tensor");
   const c10::cuda::CUDAGuard guard(q.device());
-  int splits = (int)std::max<int64_t>(1, std::min<int64_t>(num_splits, S));
-  const int keys_per_split = (S + splits - 1) / splits;
-  splits = (S + keys_per_split - 1) / keys_per_split;
+  const int splits = (int)std::max<int64_t>(1, std::min<int64_t>(num_splits, S));
   auto part = torch::empty({B, H, splits, D + 2}, q.options().dtype(torch::kFloat32));
   auto out = torch::empty({B, 1, H * D}, q.options());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const float scale = 1.0f / sqrtf((float)D);
   KESTREL_DISPATCH_ACT(q.scalar_type(), "attention_decode", [&] {
     attn_decode_kernel<scalar_t><<<dim3(H, B, splits), 32 * ATTN_WARPS, 0, stream>>>(
-        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), part.data_ptr<float>(), H, Hkv, D, S,
-        keys_per_split, q.stride(0), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-        v.stride(2), scale);
+        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), part.data_ptr<float>(),
+        has_len ? lengths.data_ptr<int>() : nullptr, (int)window, H, Hkv, D, S, q.stride(0), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), scale);
     attn_combine_kernel<scalar_t><<<dim3(H, B), std::min(D, 256), 0, stream>>>(part.data_ptr<float>(),
                                                                               out.data_ptr<scalar_t>(), H, D, splits);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
+}
+
+torch::Tensor attention_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t num_splits) {
+  return attention_impl(q, k, v, torch::Tensor(), num_splits, 0);
+}
+
+torch::Tensor attention_decode_cached(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                      torch::Tensor lengths, int64_t num_splits, int64_t window) {
+  TORCH_CHECK(lengths.defined() && lengths.numel() > 0, "attention_decode_cached: lengths are required");
+  return attention_impl(q, k_cache, v_cache, lengths, num_splits, window);
+}
+
+// Decode step: RoPE on one token's q and k at position pos[b] (read on the device), and the cache
+// write of k and v at that position. Grid (H + 2 * Hkv, B): q heads, then k heads, then v heads.
+template <typename T>
+__global__ void rope_cache_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                                  const T* __restrict__ cos_t, const T* __restrict__ sin_t,
+                                  const int* __restrict__ pos, T* __restrict__ q_out, T* __restrict__ kc,
+                                  T* __restrict__ vc, int H, int Hkv, int D, int64_t kc_sb, int64_t kc_ss,
+                                  int64_t kc_sh, int64_t vc_sb, int64_t vc_ss, int64_t vc_sh) {
+  const int head = blockIdx.x, b = blockIdx.y;
+  const int p = __ldg(pos + b);
+  const T* src;
+  T* dst;
+  bool rotate = true;
+  if (head < H) {
+    src = q + ((size_t)b * H + head) * D;
+    dst = q_out + ((size_t)b * H + head) * D;
+  } else if (head < H + Hkv) {
+    const int hk = head - H;
+    src = k + ((size_t)b * Hkv + hk) * D;
+    dst = kc + b * kc_sb + p * kc_ss + hk * kc_sh;
+  } else {
+    const int hk = head - H - Hkv;
+    src = v + ((size_t)b * Hkv + hk) * D;
+    dst = vc + b * vc_sb + p * vc_ss + hk * vc_sh;
+    rotate = false;
+  }
+  const int half = D / 2;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    if (!rotate) {
+      dst[d] = src[d];
+      continue;
+    }
+    const float xd = to_f(src[d]);
+    const float rot = d < half ? -to_f(src[d + half]) : to_f(src[d - half]);
+    const T a = from_f<T>(xd * to_f(cos_t[(size_t)p * D + d]));
+    const T bb = from_f<T>(rot * to_f(sin_t[(size_t)p * D + d]));
+    dst[d] = from_f<T>(to_f(a) + to_f(bb));
+  }
+}
+
+// q: (B, 1, H, D), k, v: (B, 1, Hkv, D) contiguous; tables (L, D) of q's dtype; pos int32 (B,);
+// caches (B, S, Hkv, D) with unit stride over D. Returns the rotated q; writes the caches in place.
+torch::Tensor rope_cache_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos_t,
+                                torch::Tensor sin_t, torch::Tensor pos, torch::Tensor k_cache, torch::Tensor v_cache) {
+  TORCH_CHECK(q.is_cuda() && q.dim() == 4 && q.size(1) == 1 && q.is_contiguous(),
+              "rope_cache_decode: q must be a contiguous CUDA (B, 1, H, D) tensor");
+  TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.sizes() == v.sizes() && k.dim() == 4 && k.size(1) == 1 &&
+                  k.size(0) == q.size(0) && k.size(3) == q.size(3),
+              "rope_cache_decode: k, v must be contiguous (B, 1, Hkv, D)");
+  const int B = (int)q.size(0), H = (int)q.size(2), D = (int)q.size(3), Hkv = (int)k.size(2);
+  TORCH_CHECK(D % 2 == 0 && cos_t.is_contiguous() && sin_t.is_contiguous() && cos_t.size(1) == D &&
+                  cos_t.sizes() == sin_t.sizes() && cos_t.scalar_type() == q.scalar_type() &&
+                  sin_t.scalar_type() == q.scalar_type(),
+              "rope_cache_decode: cos/sin must be contiguous (L, D) tables of q's dtype");
+  TORCH_CHECK(pos.is_cuda() && pos.scalar_type() == torch::kInt32 && pos.numel() == B,
+              "rope_cache_decode: pos must be a CUDA int32 (B,) tensor");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.size(0) == B &&
+                  k_cache.size(2) == Hkv && k_cache.size(3) == D && k_cache.stride(3) == 1 && v_cache.stride(3) == 1 &&
+                  k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "rope_cache_decode: caches must be (B, S, Hkv, D) of q's dtype with unit stride over D");
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto q_out = torch::empty_like(q);
+  KESTREL_DISPATCH_ACT(q.scalar_type(), "rope_cache_decode", [&] {
+    rope_cache_kernel<scalar_t><<<dim3(H + 2 * Hkv, B), std::min(D, 256), 0, c10::cuda::getCurrentCUDAStream()>>>(
+        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), cos_t.data_ptr<scalar_t>(),
+        sin_t.data_ptr<scalar_t>(), pos.data_ptr<int>(), q_out.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
+        v_cache.data_ptr<scalar_t>(), H, Hkv, D, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return q_out;
 }
 
 }  // namespace kestrel
