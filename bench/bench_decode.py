@@ -49,7 +49,7 @@ def bench_backend(folder: str, backend: str, args: argparse.Namespace) -> dict:
     t_load = time.perf_counter() - t_load
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
-    cache = model.allocate_cache(max(args.prefill, args.prompt + args.new) + 8)
+    cache = model.allocate_cache(-(-(max(args.prefill, args.prompt + args.new) + 16) // 256) * 256)
 
     prompt = torch.randint(100, vocab - 100, (1, args.prompt), generator=gen).cuda()
 
@@ -131,29 +131,46 @@ def synthetic_exl2(k: int, n: int, bits: int, seed: int = 0) -> Exl2Tensors:
         q_groups=torch.tensor(q_groups, dtype=torch.int16))
 
 
+def graph_time(fn: Callable[[], object], reps: int = 20) -> float:
+    """Seconds per call of fn with launch overhead removed: reps calls captured in one CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
+    return _sync_time(lambda: [g.replay() for _ in range(5)]) / (5 * reps)
+
+
 @torch.inference_mode()
 def bench_kernels(args: argparse.Namespace) -> list[dict]:
+    """Kernel time inside CUDA graphs (what a captured decode step pays), per blocks-per-SM target."""
     from app.engine.cuda_backend import CudaBackend
 
     be = CudaBackend(torch.device("cuda"), torch.float16)
     rows_out = []
-    for k, n in [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 128256)]:
+    shapes = [(576, 1536), (1536, 576), (576, 49152), (4096, 4096), (4096, 14336), (14336, 4096), (4096, 128256)]
+    for k, n in shapes:
         for bits in ([2, 3, 4, 5, 6, 8] if (k, n) == (4096, 14336) else [4]):
             t = synthetic_exl2(k, n, bits)
             lin = be.prepare_linear(Linear("bench", k, n, exl2=t))
             w = be.dequantized_weight(lin)
             nbytes = be.packed(lin).qweight.numel() * 4
-            for m in (1, 4, 8):
+            for m in (1, 4):
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-                for _ in range(3):
-                    be.linear(x, lin)
-                    torch.nn.functional.linear(x, w)
-                reps = 50
-                t_q = _sync_time(lambda: [be.linear(x, lin) for _ in range(reps)]) / reps  # noqa: B023
-                t_d = _sync_time(lambda: [torch.nn.functional.linear(x, w) for _ in range(reps)]) / reps  # noqa: B023
-                rows_out.append({"K": k, "N": n, "bits": bits, "rows": m, "gemv_us": round(t_q * 1e6, 1),
-                                 "gemv_GBps": round(nbytes / t_q / 1e9, 1),
-                                 "fp16_linear_us": round(t_d * 1e6, 1)})
+                row = {"K": k, "N": n, "bits": bits, "rows": m,
+                       "fp16_linear_us": round(graph_time(lambda: torch.nn.functional.linear(x, w)) * 1e6, 1)}  # noqa: B023
+                for bps in args.blocks_per_sm:
+                    be.ext.set_gemv_blocks_per_sm(bps)
+                    t_q = graph_time(lambda: be.linear(x, lin))  # noqa: B023
+                    row[f"gemv_us@{bps}"] = round(t_q * 1e6, 1)
+                    row[f"GBps@{bps}"] = round(nbytes / t_q / 1e9, 1)
+                rows_out.append(row)
+    be.ext.set_gemv_blocks_per_sm(4)
     return rows_out
 
 
@@ -167,6 +184,8 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=2048)
     ap.add_argument("--no-kernels", action="store_true", help="skip the kernel-level table")
     ap.add_argument("--exllamav2", action="store_true", help="measure exllamav2 0.3.2 on each folder too")
+    ap.add_argument("--blocks-per-sm", type=lambda s: [int(v) for v in s.split(",")], default=[4],
+                    help="gemv K-split targets to compare in the kernel table, e.g. 2,4,8,16")
     args = ap.parse_args()
     if args.exllamav2:
         from bench.exllamav2_side import measure
@@ -217,10 +236,8 @@ def main() -> None:
     if not args.no_kernels and "cuda" in args.backends:
         try:
             report["kernels"] = bench_kernels(args)
-            print(f"\n{'K':>6}{'N':>8}{'bits':>5}{'rows':>5}{'gemv us':>10}{'GB/s':>8}{'fp16 us':>10}")
             for r in report["kernels"]:
-                print(f"{r['K']:>6}{r['N']:>8}{r['bits']:>5}{r['rows']:>5}{r['gemv_us']:>10}{r['gemv_GBps']:>8}"
-                      f"{r['fp16_linear_us']:>10}")
+                print("  ".join(f"{k}={v}" for k, v in r.items()))
         except Exception as e:  # noqa: BLE001
             report["kernels"] = {"error": f"{type(e).__name__}: {e}"}
             print("kernel table failed:", e)

@@ -41,7 +41,7 @@ EOF
   [ -n "${SKIP_REFERENCE:-}" ] && exit 0
   python3 bench/device_reference.py --fp16 $FP16 --ours /root/kt/smollm2-exl2-mixed-v2 \
       --ours /root/kt/smollm2-exl2-b4-v2 --ids-dir .carry --out "$OUT" 2>&1 | grep -v -i warn | tail -60
-  python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py 2>&1 | tail -5
+  KESTREL_JIT=1 python3 -m pytest -q -m gpu -p no:cacheprovider ${GPU_TESTS:-tests/test_gpu_engine.py} 2>&1 | tail -${GPU_TAIL:-5}
   ;;
 C)
   KESTREL_JIT=1 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
@@ -49,6 +49,19 @@ C)
     [ -f $f ] && KESTREL_JIT=1 timeout 240 python3 $f /root/kt/smollm2-exl2-b4-v2 --exllamav2 --json "$OUT/bench_decode.json" 2>&1 | tail -25
   done
   [ -f bench/planner_accuracy.py ] && timeout 120 python3 bench/planner_accuracy.py $FP16 /root/kt/smollm2-exl2-b4-v2 --json "$OUT/planner_accuracy.json" 2>&1 | tail -20
+  ;;
+P)
+  # decode/prefill side by side with exllamav2 on the fixture's b4 file (MODELS=smollm2) and on a
+  # synthetic Llama-3-8B shape (MODELS=llama8b); kernel table with the gemv K-split sweep (BPS)
+  for m in ${MODELS:-smollm2 llama8b}; do
+    if [ $m = smollm2 ]; then dir=/root/kt/smollm2-exl2-b4-v2; backends=torch,cuda; extra=--no-kernels
+    else
+      dir=/root/syn8b; backends=cuda; extra="--blocks-per-sm ${BPS:-4}"
+      [ -d $dir ] || python3 bench/synthetic_exl2.py $dir --shape llama3-8b --tokenizer-from $FP16 | tail -1
+    fi
+    KESTREL_JIT=1 timeout ${PTIME:-280} python3 bench/bench_decode.py $dir --exllamav2 --backends $backends $extra \
+        --out "$OUT/bench_decode_$m.json" 2>&1 | grep -v -i warn | tail -40
+  done
   ;;
 Q)
   # quantizer quality at the headline target, and where decode time goes

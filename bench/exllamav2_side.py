@@ -21,7 +21,8 @@ def measure(path: str, prompt_len: int = 128, new_tokens: int = 256, prefill_len
 
     torch.cuda.reset_peak_memory_stats()
     cfg = ExLlamaV2Config(path)
-    cfg.max_seq_len = max(prefill_len, prompt_len + new_tokens) + 16
+    need = max(prefill_len, prompt_len + new_tokens) + 16
+    cfg.max_seq_len = -(-need // 256) * 256  # exllamav2's cache wants a multiple of 256
     cfg.max_input_len = prefill_len
     cfg.max_attention_size = prefill_len ** 2
     model = ExLlamaV2(cfg)

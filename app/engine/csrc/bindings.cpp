@@ -8,6 +8,7 @@ void exl2_gemv(torch::Tensor x, torch::Tensor perm, torch::Tensor qweight, torch
                torch::Tensor counters, torch::Tensor out);
 void exl2_dequant(torch::Tensor qweight, torch::Tensor qscale, torch::Tensor step, torch::Tensor tiles,
                   int64_t K, int64_t n0, torch::Tensor out);
+void set_gemv_blocks_per_sm(int64_t n);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
 torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up);
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos_t, torch::Tensor sin_t);
@@ -22,6 +23,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Kestrel CUDA kernels: EXL2 gemv/dequant, RMSNorm, SiLU*mul, RoPE, decode attention";
   m.def("exl2_gemv", &kestrel::exl2_gemv, "EXL2 matrix-vector product for 1..8 rows (writes out)");
   m.def("exl2_dequant", &kestrel::exl2_dequant, "EXL2 columns [n0, n0+out.shape[1]) to fp16 (K, ncols), quant order");
+  m.def("set_gemv_blocks_per_sm", &kestrel::set_gemv_blocks_per_sm, "gemv K-split target (blocks per SM)");
   m.def("rms_norm", &kestrel::rms_norm, "RMSNorm; with a non-empty residual, x += residual in place first");
   m.def("silu_mul", &kestrel::silu_mul, "silu(gate) * up");
   m.def("rope", &kestrel::rope, "rotate-half RoPE from (T, D) cos/sin tables");

@@ -73,6 +73,11 @@ static int sm_count(int device) {
   return cached[device];
 }
 
+// Blocks per SM the gemv aims for when it splits K (tunable from Python for benchmarks).
+static int g_blocks_per_sm = 4;
+
+void set_gemv_blocks_per_sm(int64_t n) { g_blocks_per_sm = (int)std::max<int64_t>(1, std::min<int64_t>(n, 64)); }
+
 static void check_layout(const torch::Tensor& qweight, const torch::Tensor& qscale, const torch::Tensor& step,
                          const torch::Tensor& tiles) {
   TORCH_CHECK(qweight.is_cuda() && qweight.scalar_type() == torch::kInt32 && qweight.dim() == 2 &&
@@ -114,9 +119,9 @@ void exl2_gemv(torch::Tensor x, torch::Tensor perm, torch::Tensor qweight, torch
   if (has_bias) TORCH_CHECK(bias.scalar_type() == torch::kHalf && bias.numel() >= N, "bias must be fp16 (N,)");
 
   const c10::cuda::CUDAGuard guard(x.device());
-  // Enough blocks to keep every SM busy (about 4 per SM), but x chunks no longer than 1024 rows.
+  // Enough blocks to keep every SM busy (g_blocks_per_sm each), but x chunks no longer than 1024 rows.
   const int sms = sm_count(x.get_device());
-  const int target_chunks = std::max(1, (4 * sms + col_blocks - 1) / col_blocks);
+  const int target_chunks = std::max(1, (g_blocks_per_sm * sms + col_blocks - 1) / col_blocks);
   int tiles_per_chunk = std::max(1, (num_tiles + target_chunks - 1) / target_chunks);
   tiles_per_chunk = std::min(tiles_per_chunk, MAX_TILES_PER_CHUNK);
   const int chunks = (num_tiles + tiles_per_chunk - 1) / tiles_per_chunk;
