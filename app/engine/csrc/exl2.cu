@@ -121,7 +121,10 @@ void exl2_gemv(torch::Tensor x, torch::Tensor perm, torch::Tensor qweight, torch
   const c10::cuda::CUDAGuard guard(x.device());
   // Enough blocks to keep every SM busy (g_blocks_per_sm each), but x chunks no longer than 1024 rows.
   const int sms = sm_count(x.get_device());
-  const int target_chunks = std::max(1, (g_blocks_per_sm * sms + col_blocks - 1) / col_blocks);
+  // One row of x does too little arithmetic per weight byte to hide latency at 4 blocks per SM: twice
+  // as many K chunks measured 10-20 % faster on the H100 for Llama-8B MLP shapes (docs/MEASUREMENTS.md).
+  const int per_sm = M == 1 ? 2 * g_blocks_per_sm : g_blocks_per_sm;
+  const int target_chunks = std::max(1, (per_sm * sms + col_blocks - 1) / col_blocks);
   int tiles_per_chunk = std::max(1, (num_tiles + target_chunks - 1) / target_chunks);
   tiles_per_chunk = std::min(tiles_per_chunk, MAX_TILES_PER_CHUNK);
   const int chunks = (num_tiles + tiles_per_chunk - 1) / tiles_per_chunk;
