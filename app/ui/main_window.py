@@ -212,11 +212,15 @@ class MainWindow(QMainWindow):
         self.models_button = self._header_button("download", "Models: browse the Hub, downloads, library, VRAM "
                                                              "planner (Ctrl+Shift+M)")
         self.models_button.clicked.connect(lambda: self.open_models("browse"))
+        self.server_button = self._header_button("cpu", "Local server: serve the loaded model over the "
+                                                        "OpenAI-compatible API")
+        self.server_button.clicked.connect(self.open_local_server)
         row.addWidget(self.sidebar_button)
         row.addSpacing(4)
         row.addLayout(titles)
         row.addStretch(1)
         row.addWidget(self.models_button)
+        row.addWidget(self.server_button)
         row.addWidget(self.theme_button)
         row.addWidget(self.panel_button)
         return header
@@ -663,6 +667,19 @@ class MainWindow(QMainWindow):
         self._count_context()
 
     endpoints_dialog: EndpointsDialog | None = None
+    local_server: Any = None
+    server_page: Any = None
+
+    def open_local_server(self) -> Any:
+        """The Local server page (switch, URL, key, request log), created on first use."""
+        if self.server_page is None:
+            from .local_server import LocalServer, LocalServerPage
+
+            self.local_server = LocalServer(self.client.worker, self)
+            self.server_page = LocalServerPage(self.local_server, self)
+        self.server_page.show()
+        self.server_page.raise_()
+        return self.server_page
 
     def manage_endpoints(self) -> EndpointsDialog:
         """The add/edit/remove dialog (non-modal); the picker lists models again after each change."""
@@ -738,6 +755,8 @@ class MainWindow(QMainWindow):
         if gen is not None:
             self._cancel(gen)
         self.remote.shutdown()
+        if self.local_server is not None:
+            self.local_server.stop()
         self.client.shutdown()
         if gen is not None:      # the worker's final signal will not be delivered any more
             self.generation = None
