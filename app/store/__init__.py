@@ -2,12 +2,13 @@
 
 from .errors import ImportFormatError, NotFoundError, StoreError
 from .export import parse_json, to_json, to_markdown
-from .models import ROLES, Conversation, Message, SearchHit, Timings
+from .models import ROLES, Conversation, Endpoint, Message, SearchHit, Timings
 from .schema import MIGRATIONS, SCHEMA_VERSION
 from .store import DEFAULT_FLUSH_INTERVAL, Store, default_db_path
 
 __all__ = [
-    "DEFAULT_FLUSH_INTERVAL", "MIGRATIONS", "ROLES", "SCHEMA_VERSION", "Conversation", "ImportFormatError",
+    "DEFAULT_FLUSH_INTERVAL", "MIGRATIONS", "ROLES", "SCHEMA_VERSION", "Conversation", "Endpoint",
+    "ImportFormatError",
     "Message", "NotFoundError", "SearchHit", "Store", "StoreError", "Timings", "default_db_path", "parse_json",
     "to_json", "to_markdown",
 ]

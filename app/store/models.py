@@ -34,9 +34,20 @@ class Conversation:
     created: float            # unix seconds
     updated: float            # unix seconds; list order (most recent first)
     system_prompt: str = ""
-    model_path: str | None = None   # a local model folder or an OpenAI-style endpoint URL
+    model_path: str | None = None   # a local model folder, or the model's id on `endpoint_id`
     sampler_settings: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    endpoint_id: int | None = None  # the remote endpoint the chat used (None: a local model)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A remote OpenAI-compatible server. Its API key is in the OS keyring (app.remote.keys), not here."""
+
+    id: int
+    name: str
+    base_url: str
+    created: float
 
 
 @dataclass(frozen=True)

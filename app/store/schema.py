@@ -45,6 +45,16 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "CREATE INDEX messages_parent ON messages(parent_id)",
         "CREATE INDEX messages_streaming ON messages(streaming) WHERE streaming = 1",
     ),
+    (  # 2: remote OpenAI-compatible endpoints; a chat records the endpoint it used (model_path then
+       # holds the model's id on that endpoint). API keys live in the OS keyring, never here.
+        """CREATE TABLE endpoints (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            name TEXT NOT NULL UNIQUE,
+            base_url TEXT NOT NULL,
+            created REAL NOT NULL
+        )""",
+        "ALTER TABLE conversations ADD COLUMN endpoint_id INTEGER REFERENCES endpoints(id) ON DELETE SET NULL",
+    ),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -31,7 +31,7 @@ from typing import Any
 
 from .errors import NotFoundError, StoreError
 from .export import parse_json, to_json, to_markdown
-from .models import ROLES, Conversation, Message, SearchHit, Timings
+from .models import ROLES, Conversation, Endpoint, Message, SearchHit, Timings
 from .schema import SCHEMA_VERSION, ensure_fts, migrate
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,12 @@ def _conversation(row: sqlite3.Row) -> Conversation:
     return Conversation(
         id=row["id"], title=row["title"], created=row["created"], updated=row["updated"],
         system_prompt=row["system_prompt"], model_path=row["model_path"],
-        sampler_settings=_loads(row["sampler_settings"]), extra=_loads(row["extra"]))
+        sampler_settings=_loads(row["sampler_settings"]), extra=_loads(row["extra"]),
+        endpoint_id=row["endpoint_id"])
+
+
+def _endpoint(row: sqlite3.Row) -> Endpoint:
+    return Endpoint(id=row["id"], name=row["name"], base_url=row["base_url"], created=row["created"])
 
 
 def _message(row: sqlite3.Row) -> Message:
@@ -239,15 +244,15 @@ class Store:
     def create_conversation(self, title: str = "New chat", *, system_prompt: str = "",
                             model_path: str | None = None, sampler_settings: dict[str, Any] | None = None,
                             extra: dict[str, Any] | None = None, created: float | None = None,
-                            updated: float | None = None) -> int:
+                            updated: float | None = None, endpoint_id: int | None = None) -> int:
         now = time.time()
         created = now if created is None else created
         with self._write() as conn:
             cur = conn.execute(
                 "INSERT INTO conversations (title, created, updated, system_prompt, model_path, "
-                "sampler_settings, extra) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "sampler_settings, extra, endpoint_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (title, created, created if updated is None else updated, system_prompt, model_path,
-                 _dumps(sampler_settings, "sampler_settings"), _dumps(extra, "extra")))
+                 _dumps(sampler_settings, "sampler_settings"), _dumps(extra, "extra"), endpoint_id))
             return int(cur.lastrowid or 0)
 
     def get_conversation(self, conversation_id: int) -> Conversation:
@@ -265,9 +270,11 @@ class Store:
 
     def update_conversation(self, conversation_id: int, *, title: str = _UNSET, system_prompt: str = _UNSET,
                             model_path: str | None = _UNSET, sampler_settings: dict[str, Any] = _UNSET,
-                            extra: dict[str, Any] = _UNSET) -> Conversation:
+                            extra: dict[str, Any] = _UNSET, endpoint_id: int | None = _UNSET) -> Conversation:
         """Change the given fields only. Does not move the chat in the list (`updated` = last message)."""
         changes: dict[str, Any] = {}
+        if endpoint_id is not _UNSET:
+            changes["endpoint_id"] = endpoint_id
         if title is not _UNSET:
             changes["title"] = title
         if system_prompt is not _UNSET:
@@ -333,6 +340,57 @@ class Store:
         convs = conn.execute(f"SELECT * FROM conversations WHERE id IN ({marks}) ORDER BY updated DESC, id DESC "
                              "LIMIT ?", (*best, limit)).fetchall()
         return [SearchHit(_conversation(r), *best[r["id"]]) for r in convs]
+
+    # --- remote endpoints -----------------------------------------------------------------------
+
+    def add_endpoint(self, name: str, base_url: str) -> int:
+        """Remember a remote OpenAI-compatible server; its key goes to the keyring (app.remote.keys)."""
+        name, base_url = name.strip(), base_url.strip()
+        if not name or not base_url:
+            raise StoreError("an endpoint needs a name and a base URL", hint="Fill in both fields.")
+        try:
+            with self._write() as conn:
+                cur = conn.execute("INSERT INTO endpoints (name, base_url, created) VALUES (?, ?, ?)",
+                                   (name, base_url, time.time()))
+                return int(cur.lastrowid or 0)
+        except StoreError as e:
+            if "UNIQUE" in str(e):
+                raise StoreError(f"there is already an endpoint named {name!r}",
+                                 hint="Pick another name, or edit that endpoint.") from None
+            raise
+
+    def update_endpoint(self, endpoint_id: int, *, name: str = _UNSET, base_url: str = _UNSET) -> Endpoint:
+        changes = {k: v.strip() for k, v in (("name", name), ("base_url", base_url)) if v is not _UNSET}
+        if any(not v for v in changes.values()):
+            raise StoreError("an endpoint needs a name and a base URL", hint="Fill in both fields.")
+        if changes:
+            try:
+                with self._write() as conn:
+                    sets = ", ".join(f"{k} = ?" for k in changes)
+                    cur = conn.execute(f"UPDATE endpoints SET {sets} WHERE id = ?", (*changes.values(), endpoint_id))
+                    if cur.rowcount == 0:
+                        raise NotFoundError(f"endpoint {endpoint_id} does not exist (removed?)")
+            except StoreError as e:
+                if "UNIQUE" in str(e):
+                    raise StoreError(f"there is already an endpoint named {changes.get('name')!r}",
+                                     hint="Pick another name.") from None
+                raise
+        return self.get_endpoint(endpoint_id)
+
+    def get_endpoint(self, endpoint_id: int) -> Endpoint:
+        row = self._conn().execute("SELECT * FROM endpoints WHERE id = ?", (endpoint_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"endpoint {endpoint_id} does not exist (removed?)")
+        return _endpoint(row)
+
+    def list_endpoints(self) -> list[Endpoint]:
+        return [_endpoint(r) for r in self._conn().execute("SELECT * FROM endpoints ORDER BY name COLLATE NOCASE")]
+
+    def delete_endpoint(self, endpoint_id: int) -> bool:
+        """Forget an endpoint; chats that used it keep their messages (their endpoint becomes None)."""
+        with self._write() as conn:
+            cur = conn.execute("DELETE FROM endpoints WHERE id = ?", (endpoint_id,))
+        return cur.rowcount > 0
 
     # --- messages -------------------------------------------------------------------------------
 

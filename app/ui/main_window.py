@@ -31,8 +31,10 @@ from PySide6.QtWidgets import (
 from app.store import Store, StoreError, Timings
 
 from . import backend, gc_guard
+from .chat_source import LOCAL, ChatTarget, RemoteChats, RemoteSource
 from .chat_view import ChatView
 from .conversation_list import ConversationList
+from .endpoints import ChatPicker, EndpointsDialog
 from .model_panel import ModelPanel, RecentModels
 from .prefs import Prefs
 from .presets import PresetStore
@@ -69,6 +71,7 @@ class Generation:
     message_id: int
     text: str = ""
     started: float = field(default_factory=time.perf_counter)
+    source: Any = None      # what generates it (chat_source: EngineClient or RemoteSource); None = local
 
 
 class _Bridge(QObject):
@@ -107,6 +110,10 @@ class MainWindow(QMainWindow):
         w.finished.connect(self._finished)
         w.failed.connect(self._failed)
         w.counted.connect(self._counted)
+        self.remote = RemoteChats(self)     # remote models: same slots as the local engine
+        self.remote.chunk.connect(self._chunk)
+        self.remote.finished.connect(self._finished)
+        self.remote.failed.connect(self._failed)
 
         self._build()
         self._build_actions()
@@ -205,11 +212,15 @@ class MainWindow(QMainWindow):
         self.models_button = self._header_button("download", "Models: browse the Hub, downloads, library, VRAM "
                                                              "planner (Ctrl+Shift+M)")
         self.models_button.clicked.connect(lambda: self.open_models("browse"))
+        self.server_button = self._header_button("cpu", "Local server: serve the loaded model over the "
+                                                        "OpenAI-compatible API")
+        self.server_button.clicked.connect(self.open_local_server)
         row.addWidget(self.sidebar_button)
         row.addSpacing(4)
         row.addLayout(titles)
         row.addStretch(1)
         row.addWidget(self.models_button)
+        row.addWidget(self.server_button)
         row.addWidget(self.theme_button)
         row.addWidget(self.panel_button)
         return header
@@ -237,6 +248,10 @@ class MainWindow(QMainWindow):
             layout.addWidget(label)
 
         section("Model")
+        self.chat_picker = ChatPicker(self.store, self.remote, self.icons["refresh"])
+        self.chat_picker.manage_requested.connect(self.manage_endpoints)
+        self.chat_picker.changed.connect(lambda _t: self._show_target())
+        layout.addWidget(self.chat_picker)
         self.model_panel = ModelPanel(RecentModels(self.config_dir), self.icons["folder"])
         self.model_panel.load_requested.connect(self.load_model)
         self.model_panel.unload_requested.connect(self.unload_model)
@@ -332,6 +347,9 @@ class MainWindow(QMainWindow):
             self._set_context(tokens)
 
     def _count_context(self) -> None:
+        if self.chat_picker.target.remote:
+            self._set_context(None)
+            return
         if self.model_info is None or self.current_id is None or self.generation is not None:
             self._set_context(None if self.model_info is None else 0)
             return
@@ -412,6 +430,8 @@ class MainWindow(QMainWindow):
                 self.sampler_panel.set_values(conv.sampler_settings,
                                               conv.extra.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
                 self.chat.set_messages(self.store.messages(conversation_id))
+                self.chat_picker.select(ChatTarget(conv.endpoint_id, conv.model_path or "")
+                                        if conv.endpoint_id is not None else LOCAL)
                 gen = self.generation
                 if gen is not None and gen.conversation_id == conversation_id:
                     self.chat.resume_stream(gen.message_id, gen.text)
@@ -461,7 +481,7 @@ class MainWindow(QMainWindow):
     def delete_conversation(self, conversation_id: int) -> None:
         gen = self.generation
         if gen is not None and gen.conversation_id == conversation_id:
-            self.client.cancel(gen.job)
+            self._cancel(gen)
         self.store.delete_conversation(conversation_id)
         if conversation_id == self.current_id:
             self.current_id = None
@@ -533,7 +553,7 @@ class MainWindow(QMainWindow):
         self.client.load(request)
 
     def unload_model(self) -> None:
-        if self.generation is not None:
+        if self.generation is not None and self.generation.source is self.client:
             self.client.cancel(self.generation.job)
         self.client.unload()
 
@@ -567,7 +587,7 @@ class MainWindow(QMainWindow):
     # --- chatting -----------------------------------------------------------------------------
 
     def _need_model(self) -> bool:
-        if self.model_info is not None:
+        if self.model_info is not None or self.chat_picker.target.remote:
             return False
         self.show_error(ErrorReport("generation", "No model loaded", "Load a model before chatting.",
                                     "Open the panel on the right (Ctrl+.), pick a model folder and press Load."))
@@ -609,7 +629,7 @@ class MainWindow(QMainWindow):
 
     def stop(self) -> None:
         if self.generation is not None:
-            self.client.cancel(self.generation.job)
+            self._cancel(self.generation)
             self.statusBar().showMessage("Stopping…")
 
     def _start_reply(self, cid: int) -> None:
@@ -618,15 +638,57 @@ class MainWindow(QMainWindow):
         messages = chat_messages(conv.system_prompt, self.store.messages(cid))
         samplers = self.sampler_panel.values()
         settings = backend.generation_settings(samplers, self.sampler_panel.max_tokens.value())
-        info = self.model_info
-        if conv.model_path != info.path:
-            self.store.update_conversation(cid, model_path=info.path)
-        reply_id = self.store.begin_reply(cid, model=info.name, sampler_settings=samplers)
+        source, name, path, endpoint_id = self._chat_source()
+        if (conv.model_path, conv.endpoint_id) != (path, endpoint_id):
+            self.store.update_conversation(cid, model_path=path, endpoint_id=endpoint_id)
+        reply_id = self.store.begin_reply(cid, model=name, sampler_settings=samplers)
         self.chat.begin_stream(self.store.get_message(reply_id))
-        job = self.client.generate(messages, settings)
-        self.generation = Generation(job, cid, reply_id)
+        job = source.generate(messages, settings)
+        self.generation = Generation(job, cid, reply_id, source=source)
         self.statusBar().showMessage("Generating…")
         self.speed_label.setText("… tok/s")
+
+    def _chat_source(self) -> tuple[Any, str, str, int | None]:
+        """The picker's choice as (source, model name, model path or remote id, endpoint id)."""
+        target = self.chat_picker.target
+        if target.remote:
+            endpoint = self.store.get_endpoint(target.endpoint_id)
+            return RemoteSource(self.remote, endpoint, target.model), target.model, target.model, endpoint.id
+        return self.client, self.model_info.name, self.model_info.path, None
+
+    def _cancel(self, gen: Generation) -> None:
+        (gen.source or self.client).cancel(gen.job)
+
+    def _show_target(self) -> None:
+        target = self.chat_picker.target
+        info = self.model_info
+        self.subtitle_label.setText(target.label if target.remote else
+                                    f"{info.name} · {info.backend} on {info.device}" if info else "No model loaded")
+        self._count_context()
+
+    endpoints_dialog: EndpointsDialog | None = None
+    local_server: Any = None
+    server_page: Any = None
+
+    def open_local_server(self) -> Any:
+        """The Local server page (switch, URL, key, request log), created on first use."""
+        if self.server_page is None:
+            from .local_server import LocalServer, LocalServerPage
+
+            self.local_server = LocalServer(self.client.worker, self)
+            self.server_page = LocalServerPage(self.local_server, self)
+        self.server_page.show()
+        self.server_page.raise_()
+        return self.server_page
+
+    def manage_endpoints(self) -> EndpointsDialog:
+        """The add/edit/remove dialog (non-modal); the picker lists models again after each change."""
+        if self.endpoints_dialog is None:
+            self.endpoints_dialog = EndpointsDialog(self.store, self)
+            self.endpoints_dialog.changed.connect(self.chat_picker.refresh)
+        self.endpoints_dialog.show()
+        self.endpoints_dialog.raise_()
+        return self.endpoints_dialog
 
     def _chunk(self, job: int, chunk: Any) -> None:
         gen = self.generation
@@ -691,7 +753,10 @@ class MainWindow(QMainWindow):
             self.models_window.shutdown()
         gen = self.generation
         if gen is not None:
-            self.client.cancel(gen.job)
+            self._cancel(gen)
+        self.remote.shutdown()
+        if self.local_server is not None:
+            self.local_server.stop()
         self.client.shutdown()
         if gen is not None:      # the worker's final signal will not be delivered any more
             self.generation = None

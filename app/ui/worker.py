@@ -107,14 +107,19 @@ class EngineWorker(QObject):
         self.engine: Any = None
         self._cancelled: set[int] = set()
         self._lock = threading.Lock()
+        # Held for every generation on `engine`: the app's local server (app.server.shared) takes
+        # the same lock, so the GUI and the server never generate on the one cache at once.
+        self.generation_lock = threading.Lock()
+        self._running: int | None = None
 
     # --- called from the GUI thread ------------------------------------------------------------
 
     def cancel(self, job: int) -> None:
         with self._lock:
             self._cancelled.add(job)
+            running = self._running == job
         engine = self.engine
-        if engine is not None:
+        if engine is not None and running:   # not while waiting for the lock: that is a server job
             engine.cancel()
 
     def _is_cancelled(self, job: int) -> bool:
@@ -147,7 +152,9 @@ class EngineWorker(QObject):
         engine, self.engine = self.engine, None
         if engine is not None:
             try:
-                engine.unload()
+                engine.cancel()                 # a local server's reply on it ends within one step
+                with self.generation_lock:
+                    engine.unload()
             except Exception:  # noqa: BLE001 - unloading must not fail the app
                 log.exception("unloading the model failed")
 
@@ -160,16 +167,23 @@ class EngineWorker(QObject):
         last: Chunk | None = None
         t0 = time.perf_counter()
         try:
-            if not self._is_cancelled(job):
-                stream = self.engine.stream_chat(messages, settings)
+            with self.generation_lock:
+                with self._lock:
+                    self._running = job
                 try:
-                    for chunk in stream:
-                        last = chunk
-                        self.chunk.emit(job, chunk)
-                        if self._is_cancelled(job) and chunk.finish_reason is None:
-                            self.engine.cancel()
+                    if not self._is_cancelled(job):
+                        stream = self.engine.stream_chat(messages, settings)
+                        try:
+                            for chunk in stream:
+                                last = chunk
+                                self.chunk.emit(job, chunk)
+                                if self._is_cancelled(job) and chunk.finish_reason is None:
+                                    self.engine.cancel()
+                        finally:
+                            stream.close()
                 finally:
-                    stream.close()
+                    with self._lock:
+                        self._running = None
         except Exception as e:  # noqa: BLE001 - OOM mid-reply etc.: report, keep the partial reply
             self.failed.emit(job, describe_error(e, "generate a reply"))
             return
