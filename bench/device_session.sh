@@ -63,6 +63,14 @@ P)
         --out "$OUT/bench_decode_$m.json" 2>&1 | grep -v -i warn | tail -40
   done
   ;;
+L)
+  # planner accuracy: real 135M fp16, synthetic Llama-3.2-1B and Llama-3-8B shapes, 2k/8k/32k contexts
+  [ -d /root/syn1b ] || python3 bench/synthetic_exl2.py /root/syn1b --shape llama3.2-1b --tokenizer-from $FP16 | tail -1
+  [ -d /root/syn8b ] || python3 bench/synthetic_exl2.py /root/syn8b --shape llama3-8b --tokenizer-from $FP16 | tail -1
+  KESTREL_JIT=1 timeout ${PTIME:-400} python3 bench/planner_accuracy.py $FP16 /root/syn1b /root/syn8b \
+      --contexts 2048 8192 32768 --cache-modes ${MODES:-fp16 q8 q4} --json "$OUT/planner_accuracy.json" 2>&1 \
+      | grep -v '^{' | tail -40
+  ;;
 Q)
   # quantizer quality at the headline target, and where decode time goes
   for b in torch cuda; do KESTREL_JIT=1 timeout 100 python3 bench/profile_decode.py /root/kt/smollm2-exl2-b4-v2 --backend $b 2>&1 | head -30; done
