@@ -16,6 +16,7 @@ import torch
 
 from .cache import KVCache
 from .errors import GenerationError, OutOfMemoryError
+from .lora import LoraRegistry
 from .model import Transformer
 from .samplers import BannedStringGuard, SamplerContext, SamplerState, sample, validate_settings
 from .tokenizer import StopStringMatcher, Tokenizer
@@ -58,6 +59,8 @@ class Generator:
         self._cached_ids: list[int] = []
         self._cancel = threading.Event()
         self._lock = threading.Lock()
+        self.loras = LoraRegistry(model)
+        self._lora_key: tuple = ()  # the adapter set the cached prefix was computed under
 
     # --- control -------------------------------------------------------------------------------
 
@@ -75,6 +78,13 @@ class Generator:
                     f"the KV cache for {self.max_seq_len} tokens does not fit in GPU memory",
                     hint="Load the model with a smaller context or a quantized (Q4) cache.") from e
         return self._cache
+
+    def _use_loras(self, selection: dict[str, float]) -> None:
+        """Apply a request's adapters; KV computed under another adapter set is not reused."""
+        key = self.loras.activate(selection)
+        if key != self._lora_key:
+            self._cached_ids = []
+            self._lora_key = key
 
     def reset_cache(self) -> None:
         self._cached_ids = []
@@ -118,6 +128,7 @@ class Generator:
         max_new = max(0, min(settings.max_new_tokens, budget))
         with self._lock:
             self._cancel.clear()
+            self._use_loras(settings.loras)
             yield from self._run(list(prompt_ids), settings, samplers, max_new)
 
     def _run(self, ids: list[int], settings: GenerationSettings, samplers: dict, max_new: int) -> Iterator[Chunk]:
@@ -233,6 +244,7 @@ class Generator:
     def perplexity(self, rows: list[list[int]]) -> float:
         """exp(mean negative log-likelihood) over all predicted tokens, each row scored on its own."""
         total_nll, total_tokens = 0.0, 0
+        self._use_loras({})
         for row in rows:
             cache = self.cache
             cache.reset()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .backend import Linear, TorchBackend
 from .cache import KVCache
@@ -55,6 +56,9 @@ class Transformer:
             config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings)
         self._cos = self._sin = None
         self._rope_len = 0
+        # Active LoRA deltas by module name: (A_cat (R, in), B_cat (out, R)), scales folded into B.
+        # Set by app.engine.lora.LoraRegistry.activate; empty means the base model, at no cost.
+        self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # --- introspection -------------------------------------------------------------------------
 
@@ -106,6 +110,17 @@ class Transformer:
                 c.head_dim, c.rope_theta, scaling, c.max_position_embeddings, seq_len)
             self._rope_len = 0
 
+    def _linear(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:
+        """Every linear of the model goes through here: the backend's kernel for the base weight
+        (fp16 or packed EXL2, never modified), then the active LoRA delta as two small matmuls."""
+        y = self.backend.linear(x, lin)
+        if self.lora:
+            delta = self.lora.get(lin.name)
+            if delta is not None:
+                a, b = delta
+                y = y + F.linear(F.linear(x.to(a.dtype), a), b).to(y.dtype)
+        return y
+
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, start: int = 0,
                 last_only: bool = False) -> torch.Tensor:
@@ -116,25 +131,25 @@ class Transformer:
         cos, sin = self._rope(start, t)
         for i, layer in enumerate(self.layers):
             h = be.rms_norm(x, layer.input_norm, c.rms_norm_eps)
-            q = be.linear(h, layer.q_proj).view(b, t, c.num_heads, c.head_dim)
-            k = be.linear(h, layer.k_proj).view(b, t, c.num_kv_heads, c.head_dim)
-            v = be.linear(h, layer.v_proj).view(b, t, c.num_kv_heads, c.head_dim)
+            q = self._linear(h, layer.q_proj).view(b, t, c.num_heads, c.head_dim)
+            k = self._linear(h, layer.k_proj).view(b, t, c.num_kv_heads, c.head_dim)
+            v = self._linear(h, layer.v_proj).view(b, t, c.num_kv_heads, c.head_dim)
             if layer.q_norm is not None:
                 q = be.rms_norm(q, layer.q_norm, c.rms_norm_eps)
                 k = be.rms_norm(k, layer.k_norm, c.rms_norm_eps)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             if cache is not None:
                 k, v = cache.update(i, start, k, v)
-            x = x + be.linear(be.attention(q, k, v, start, c.sliding_window), layer.o_proj)
+            x = x + self._linear(be.attention(q, k, v, start, c.sliding_window), layer.o_proj)
             h = be.rms_norm(x, layer.post_norm, c.rms_norm_eps)
-            x = x + be.linear(be.mlp_act(be.linear(h, layer.gate_proj), be.linear(h, layer.up_proj)),
-                              layer.down_proj)
+            x = x + self._linear(be.mlp_act(self._linear(h, layer.gate_proj), self._linear(h, layer.up_proj)),
+                                 layer.down_proj)
         if cache is not None:
             cache.length = start + t
         if last_only:
             x = x[:, -1:]
         x = be.rms_norm(x, self.norm, c.rms_norm_eps)
-        return be.linear(x, self.head).float()
+        return self._linear(x, self.head).float()
 
     def allocate_cache(self, max_seq_len: int, batch: int = 1, mode: str = "fp16") -> KVCache:
         self.set_rope_length(max_seq_len)
