@@ -241,10 +241,10 @@ class Generator:
     # --- scoring -------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def perplexity(self, rows: list[list[int]]) -> float:
+    def perplexity(self, rows: list[list[int]], loras: dict[str, float] | None = None) -> float:
         """exp(mean negative log-likelihood) over all predicted tokens, each row scored on its own."""
         total_nll, total_tokens = 0.0, 0
-        self._use_loras({})
+        self._use_loras(loras or {})
         for row in rows:
             cache = self.cache
             cache.reset()
