@@ -11,9 +11,14 @@ import pytest
 from PySide6.QtCore import Qt
 
 from tests.lora_fixtures import write_adapter
-from tests.test_ui_app import LOAD_TIMEOUT_MS, assistant_messages, close_window, make_window, wait_reply
+from tests.test_ui_app import LOAD_TIMEOUT_MS, assistant_messages, close_window, make_window
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(900)
+REPLY_TIMEOUT_MS = 240_000  # a shared, loaded CPU; a reply is 6 tokens
+
+
+def wait_reply(qtbot, window) -> None:
+    qtbot.waitUntil(lambda: window.generation is None, timeout=REPLY_TIMEOUT_MS)
 
 
 def ask(qtbot, window, text: str) -> str:

@@ -277,10 +277,10 @@ class ServerState:
 
 def folder_inside(root: str | None, name: str, marker: str, what: str) -> Path:
     """`name` resolved inside `root`, holding `marker`: API load requests must not reach the rest of the disk."""
+    param = "model" if what == "model" else "loras"
     if not root:
         raise ApiError(f"this server was started without a folder to load {what}s from", status=403,
-                       code="load_disabled", param="model" if what == "model" else "loras")
-    param = "model" if what == "model" else "loras"
+                       code="load_disabled", param=param)
     root_path = Path(root).resolve()
     folder = (root_path / name).resolve()
     if folder != root_path and root_path not in folder.parents:
