@@ -131,3 +131,27 @@ def test_server_lora_routes_and_request_field(server) -> None:
         assert http.post("/v1/lora/unload").json() == {"unloaded": ["tone"]}
         assert http.get("/v1/loras").json()["data"] == []
         assert chat(http).json()["choices"][0]["message"]["content"] == base
+
+
+# --- library ------------------------------------------------------------------------------------
+
+
+def test_library_lists_adapter_folders(tmp_path, smollm2_fp16_dir) -> None:
+    from app.hub.adapters import scan_adapters
+
+    write_adapter(tmp_path / "org" / "style", smollm2_fp16_dir, rank=8, alpha=16, rslora=True,
+                  targets=("q_proj", "v_proj"), layers=range(1))
+    write_adapter(tmp_path / ".hidden" / "x", smollm2_fp16_dir, layers=range(1))
+    pickled = tmp_path / "old"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_text('{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}')
+    (pickled / "adapter_model.bin").write_bytes(b"never opened")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter_config.json").write_text("{not json")
+    cards = {c.name: c for c in scan_adapters([str(tmp_path), str(tmp_path / "org")])}
+    assert sorted(cards) == ["broken", "old", "style"]
+    style = cards["style"]
+    assert (style.rank, style.alpha, style.rslora, style.targets) == (8, 16.0, True, ("q_proj", "v_proj"))
+    assert style.problem is None and style.base_model == smollm2_fp16_dir
+    assert "safetensors" in cards["old"].problem
+    assert "cannot be read" in cards["broken"].problem
