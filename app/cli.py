@@ -32,6 +32,8 @@ def _sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--sampler", action="append", default=[], metavar="NAME=VALUE",
                    help="any sampler from the registry, repeatable")
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help="start from a sampler preset (built-in or saved in the app); flags override it")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--stop", action="append", default=[], help="stop string, repeatable")
@@ -42,6 +44,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--max-seq-len", type=int, default=None, help="context size to allocate")
     p.add_argument("--backend", default=None, choices=["auto", "torch", "cuda"])
+    p.add_argument("--lora", action="append", default=[], metavar="DIR[:SCALE]",
+                   help="apply a PEFT LoRA adapter folder at SCALE (default 1), repeatable")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +89,8 @@ def _settings(args: argparse.Namespace) -> Any:
     from app.engine.types import GenerationSettings
 
     samplers: dict[str, Any] = {"temperature": 0.8}
+    if args.preset:
+        samplers.update(_preset(args.preset))
     for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"):
         v = getattr(args, name)
         if v is not None:
@@ -99,10 +105,42 @@ def _settings(args: argparse.Namespace) -> Any:
                               stop_strings=list(args.stop))
 
 
+def _preset(name: str) -> dict[str, Any]:
+    """A preset's samplers by name (case-insensitive): built-in ones, then the app's saved ones."""
+    from app.engine.errors import GenerationError
+    from app.ui.presets import PresetStore, default_config_dir
+
+    presets = PresetStore(default_config_dir()).all()
+    for preset in presets:
+        if preset.name.lower() == name.strip().lower():
+            return dict(preset.samplers)
+    raise GenerationError(f"no sampler preset named {name!r}",
+                          hint=f"Pick one of: {', '.join(p.name for p in presets)}.")
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+    """DIR[:SCALE] -> (DIR, SCALE); a colon not followed by a number is part of the path (C:\\...)."""
+    path, sep, tail = spec.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
 def _load(args: argparse.Namespace) -> Any:
     from app.engine.session import Engine
 
     return Engine.load(args.model, args.device, max_seq_len=args.max_seq_len, backend=args.backend)
+
+
+def _with_loras(engine: Any, args: argparse.Namespace, settings: Any) -> Any:
+    """Load each --lora adapter and select it, at its scale, for every request."""
+    for spec in args.lora:
+        path, scale = parse_lora(spec)
+        settings.loras[engine.load_lora(path).name] = scale
+    return settings
 
 
 def _stats(chunk: Any) -> str:
@@ -111,8 +149,9 @@ def _stats(chunk: Any) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    engine = _load(args)
     settings = _settings(args)
+    engine = _load(args)
+    _with_loras(engine, args, settings)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         stream = engine.stream_chat(messages + [{"role": "user", "content": args.prompt}], settings)
@@ -130,8 +169,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    engine = _load(args)
     settings = _settings(args)
+    engine = _load(args)
+    _with_loras(engine, args, settings)
     info = engine.info
     print(f"Kestrel chat: {info.name} ({info.architecture}, {info.backend} on {info.device}). "
           "Commands: /reset, /quit. Ctrl+C stops a reply.", file=sys.stderr)
@@ -189,8 +229,9 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
         raise KestrelError(f"has token ids outside 0..{vocab - 1}", path=args.ids,
                            hint="The ids belong to another tokenizer.")
     rows = arr.astype("int64").tolist()
+    loras = {engine.load_lora(path).name: scale for path, scale in map(parse_lora, args.lora)}
     t0 = time.perf_counter()
-    ppl = engine.generator.perplexity(rows)
+    ppl = engine.generator.perplexity(rows, loras)
     print(f"rows: {len(rows)} x {arr.shape[1]} tokens, {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     print(f"perplexity: {ppl:.4f}")
     return 0
@@ -212,7 +253,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, api_key=args.api_key, model_dir=args.model,
         models_root=args.models_dir or os.path.dirname(os.path.abspath(args.model)),
         device=args.device, max_seq_len=args.max_seq_len, backend=args.backend,
-        max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_tokens_limit=args.max_tokens_limit)
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_tokens_limit=args.max_tokens_limit,
+        loras=tuple(parse_lora(spec) for spec in args.lora))
     from app.server.app import run_server
 
     run_server(config)

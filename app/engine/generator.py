@@ -18,6 +18,7 @@ import torch
 from .cache import KVCache
 from .errors import GenerationError, OutOfMemoryError
 from .graphs import DecodeGraph, graphs_enabled
+from .lora import LoraRegistry
 from .model import Transformer
 from .samplers import BannedStringGuard, SamplerContext, SamplerState, sample, validate_settings
 from .tokenizer import StopStringMatcher, Tokenizer
@@ -64,6 +65,9 @@ class Generator:
         self._lock = threading.Lock()
         self._graph: DecodeGraph | None = None
         self._graph_failed = False
+        self._graph_lora: tuple = ()
+        self.loras = LoraRegistry(model)
+        self._lora_key: tuple = ()  # the adapter set the cached prefix was computed under
 
     # --- control -------------------------------------------------------------------------------
 
@@ -81,6 +85,13 @@ class Generator:
                     f"the KV cache for {self.max_seq_len} tokens does not fit in GPU memory",
                     hint="Load the model with a smaller context or a quantized (Q4) cache.") from e
         return self._cache
+
+    def _use_loras(self, selection: dict[str, float]) -> None:
+        """Apply a request's adapters; KV computed under another adapter set is not reused."""
+        key = self.loras.activate(selection)
+        if key != self._lora_key:
+            self._cached_ids = []
+            self._lora_key = key
 
     def reset_cache(self) -> None:
         self._cached_ids = []
@@ -124,6 +135,7 @@ class Generator:
         max_new = max(0, min(settings.max_new_tokens, budget))
         with self._lock:
             self._cancel.clear()
+            self._use_loras(settings.loras)
             yield from self._run(list(prompt_ids), settings, samplers, max_new)
 
     def _run(self, ids: list[int], settings: GenerationSettings, samplers: dict, max_new: int) -> Iterator[Chunk]:
@@ -211,8 +223,10 @@ class Generator:
     def _decode_one(self, token: int, pos: int) -> torch.Tensor:
         """Logits after feeding one token at `pos`: a CUDA-graph replay where possible."""
         cache = self.cache
-        if self._graph is None or self._graph.cache is not cache:
+        # a graph bakes in the cache tensors and the active adapters' matrices: recapture on change
+        if self._graph is None or self._graph.cache is not cache or self._graph_lora != self._lora_key:
             self._graph = None
+            self._graph_lora = self._lora_key
             if not self._graph_failed and graphs_enabled(self.model, cache):
                 try:
                     self._graph = DecodeGraph(self.model, cache)
@@ -251,9 +265,10 @@ class Generator:
     # --- scoring -------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def perplexity(self, rows: list[list[int]]) -> float:
+    def perplexity(self, rows: list[list[int]], loras: dict[str, float] | None = None) -> float:
         """exp(mean negative log-likelihood) over all predicted tokens, each row scored on its own."""
         total_nll, total_tokens = 0.0, 0
+        self._use_loras(loras or {})
         for row in rows:
             cache = self.cache
             cache.reset()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .backend import Linear, TorchBackend
 from .cache import KVCache
@@ -55,6 +56,9 @@ class Transformer:
             config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings)
         self._cos = self._sin = None
         self._rope_len = 0
+        # Active LoRA deltas by module name: (A_cat (R, in), B_cat (out, R)), scales folded into B.
+        # Set by app.engine.lora.LoraRegistry.activate; empty means the base model, at no cost.
+        self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # --- introspection -------------------------------------------------------------------------
 
@@ -107,8 +111,15 @@ class Transformer:
             self._rope_len = 0
 
     def _linear(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:
-        """Every linear layer of the model runs through here (one place for run-time additions)."""
-        return self.backend.linear(x, lin)
+        """Every linear of the model goes through here: the backend's kernel for the base weight
+        (fp16 or packed EXL2, never modified), then the active LoRA delta as two small matmuls."""
+        y = self.backend.linear(x, lin)
+        if self.lora:
+            delta = self.lora.get(lin.name)
+            if delta is not None:
+                a, b = delta
+                y = y + F.linear(F.linear(x.to(a.dtype), a), b).to(y.dtype)
+        return y
 
     def _attn_qkv(self, layer: Layer, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         c = self.config

@@ -7,12 +7,14 @@ from __future__ import annotations
 import gc
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
 
 from .chat_template import ChatTemplate
 from .generator import Generator
 from .loader import Progress, load_model
+from .lora import LoraInfo
 from .model import Transformer
 from .tokenizer import Tokenizer
 from .types import Chunk, GenerationSettings, ModelInfo
@@ -63,8 +65,7 @@ class Engine:
         extra = [s for s in self.template.stop_strings() if s not in settings.stop_strings]
         if not extra:
             return settings
-        return GenerationSettings(settings.max_new_tokens, dict(settings.samplers), settings.seed,
-                                  list(settings.stop_strings) + extra, settings.stop_on_eos)
+        return replace(settings, samplers=dict(settings.samplers), stop_strings=list(settings.stop_strings) + extra)
 
     def stream_chat(self, messages: list[dict], settings: GenerationSettings | None = None) -> Iterator[Chunk]:
         settings = self._with_template_stops(settings or GenerationSettings())
@@ -77,9 +78,22 @@ class Engine:
     def cancel(self) -> None:
         self.generator.cancel()
 
+    # --- LoRA adapters (applied per request: GenerationSettings.loras = {name: scale}) ----------
+
+    def load_lora(self, path: str, name: str | None = None) -> LoraInfo:
+        """Load a PEFT adapter folder beside the model (name: the folder's name unless given)."""
+        return self.generator.loras.load(path, name)
+
+    def unload_lora(self, name: str) -> bool:
+        return self.generator.loras.unload(name)
+
+    def loras(self) -> list[LoraInfo]:
+        return self.generator.loras.infos()
+
     def unload(self) -> None:
         """Drop every reference to weights and cache so memory returns to the system."""
         self.generator.cancel()
+        self.generator.loras.clear()
         self.generator._cache = None
         self.model = None  # type: ignore[assignment]
         self.generator.model = None  # type: ignore[assignment]

@@ -15,6 +15,7 @@ class GenerationSettings:
     seed: int | None = None
     stop_strings: list[str] = field(default_factory=list)
     stop_on_eos: bool = True
+    loras: dict[str, float] = field(default_factory=dict)  # loaded LoRA adapter name -> scale
 
 
 @dataclass

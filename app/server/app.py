@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -40,6 +41,8 @@ from .schemas import (
     DecodeRequest,
     EncodeRequest,
     LoadRequest,
+    LoraLoadRequest,
+    LoraUnloadRequest,
     api_name,
     sampler_values,
 )
@@ -230,6 +233,7 @@ class ServerState:
         self.engine = engine
         self.loaded_at = int(time.time())
         self.jobs = JobQueue(self._interrupt)
+        self.lora_scales: dict[str, float] = {}  # loaded adapters -> scale for requests that pick none
 
     def _interrupt(self) -> None:
         if self.engine is not None:
@@ -249,19 +253,53 @@ class ServerState:
 
     def resolve_model_folder(self, name: str) -> str:
         """A folder inside the models root: load requests must not reach the rest of the disk."""
-        root = self.config.models_root
-        if not root:
-            raise ApiError("this server was started without a models folder, so it cannot load others",
-                           status=403, code="load_disabled", param="model")
-        root_path = Path(root).resolve()
-        folder = (root_path / name).resolve()
-        if folder != root_path and root_path not in folder.parents:
-            raise ApiError(f"{name!r} is outside the models folder", status=403, param="model",
-                           code="outside_models_folder")
-        if not (folder / "config.json").is_file():
-            raise ApiError(f"no model folder named {name!r} (no config.json)", status=404,
-                           param="model", code="model_not_found")
-        return str(folder)
+        return str(folder_inside(self.config.models_root, name, "config.json", "model"))
+
+    def resolve_lora_folder(self, name: str) -> str:
+        root = self.config.loras_root or self.config.models_root
+        return str(folder_inside(root, name, "adapter_config.json", "LoRA adapter"))
+
+    def request_loras(self, requested: dict[str, float] | None) -> dict[str, float]:
+        """A request's adapters: its own pick, checked here so a bad name is a 400 before queuing,
+        or (field omitted) every loaded adapter at its load-time scaling."""
+        if requested is None:
+            return dict(self.lora_scales)
+        loaded = {i.name for i in self.require_engine().loras()}
+        for name, scale in requested.items():
+            if name not in loaded:
+                raise ApiError(f"no LoRA adapter named {name!r} is loaded (loaded: "
+                               f"{', '.join(sorted(loaded)) or 'none'}); POST /v1/lora/load first",
+                               param="loras", code="lora_not_found")
+            if not math.isfinite(scale):
+                raise ApiError(f"the scale for LoRA {name!r} must be a finite number", param="loras")
+        return dict(requested)
+
+
+def folder_inside(root: str | None, name: str, marker: str, what: str) -> Path:
+    """`name` resolved inside `root`, holding `marker`: API load requests must not reach the rest of the disk."""
+    param = "model" if what == "model" else "loras"
+    if not root:
+        raise ApiError(f"this server was started without a folder to load {what}s from", status=403,
+                       code="load_disabled", param=param)
+    root_path = Path(root).resolve()
+    folder = (root_path / name).resolve()
+    if folder != root_path and root_path not in folder.parents:
+        raise ApiError(f"{name!r} is outside the {what}s folder", status=403, param=param,
+                       code="outside_models_folder")
+    if not (folder / marker).is_file():
+        raise ApiError(f"no {what} folder named {name!r} (no {marker})", status=404, param=param,
+                       code=f"{what.split()[-1].lower()}_not_found")
+    return folder
+
+
+def load_loras(engine: Engine, loras: tuple[tuple[str, float], ...]) -> dict[str, float]:
+    """Load `serve --lora DIR[:SCALE]` adapters (skipping ones already loaded); name -> default scale."""
+    by_path = {os.path.realpath(i.path): i.name for i in engine.loras()}
+    scales = {}
+    for path, scale in loras:
+        name = by_path.get(os.path.realpath(path)) or engine.load_lora(path).name
+        scales[name] = scale
+    return scales
 
 
 def _state(request: Request) -> ServerState:
@@ -279,7 +317,8 @@ def _unsupported(what: str, param: str) -> ApiError:
     return ApiError(f"{what} is not supported yet", param=param, code="unsupported")
 
 
-def settings_for(req: ChatCompletionRequest | CompletionRequest, limit: int, max_new: int | None) -> GenerationSettings:
+def settings_for(req: ChatCompletionRequest | CompletionRequest, limit: int, max_new: int | None,
+                 loras: dict[str, float] | None = None) -> GenerationSettings:
     """Translate an API request into GenerationSettings, checking what the engine would refuse."""
     if req.n != 1:
         raise _unsupported("n other than 1", "n")
@@ -296,7 +335,7 @@ def settings_for(req: ChatCompletionRequest | CompletionRequest, limit: int, max
         except KestrelError as e:
             raise ApiError(str(e), param=api_name(name)) from None
     return GenerationSettings(max_new_tokens=max_new, samplers=samplers, seed=req.seed,
-                              stop_strings=stops, stop_on_eos=not req.ban_eos_token)
+                              stop_strings=stops, stop_on_eos=not req.ban_eos_token, loras=dict(loras or {}))
 
 
 def chat_messages(messages: list[ChatMessage]) -> list[dict]:
@@ -433,6 +472,9 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
             state.engine = await state.jobs.run("load", lambda: Engine.load(
                 config.model_dir, config.device, max_seq_len=config.max_seq_len, backend=config.backend))
             state.loaded_at = int(time.time())
+        if state.engine is not None and config.loras:
+            engine = state.engine
+            state.lora_scales = await state.jobs.run("lora", lambda: load_loras(engine, config.loras))
         yield
         state.jobs.shutdown()
 
@@ -468,6 +510,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
             if state.engine is not None:
                 state.engine.unload()
                 state.engine = None
+            state.lora_scales = {}
             return Engine.load(folder, body.device or config.device,
                                max_seq_len=body.max_seq_len or config.max_seq_len, backend=config.backend)
 
@@ -482,9 +525,52 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
                 return False
             state.engine.unload()
             state.engine = None
+            state.lora_scales = {}
             return True
 
         return {"unloaded": await state.jobs.run("unload", drop)}
+
+    @v1.get("/loras", tags=["lora"])
+    async def list_loras() -> dict:
+        engine = state.require_engine()
+        return {"object": "list", "data": [
+            {"id": i.name, "object": "lora", "owned_by": "kestrel", "scaling": state.lora_scales.get(i.name, 0.0),
+             "path": i.path, "rank": i.rank, "alpha": i.alpha, "rslora": i.rslora, "targets": list(i.targets)}
+            for i in engine.loras()]}
+
+    @v1.post("/lora/load", tags=["lora"])
+    async def load_lora(body: LoraLoadRequest) -> dict:
+        engine = state.require_engine()
+        folders = [(choice, state.resolve_lora_folder(choice.name)) for choice in body.loras]
+
+        def load() -> dict:
+            success, failure = [], []
+            for choice, folder in folders:
+                try:
+                    name = engine.load_lora(folder, choice.name).name
+                except KestrelError as e:
+                    failure.append({"name": choice.name, "error": str(e)})
+                    continue
+                state.lora_scales[name] = choice.scaling
+                success.append(name)
+            if not success:
+                raise ApiError(failure[0]["error"], param="loras", code="lora_load_failed")
+            return {"success": success, "failure": failure}
+
+        return await state.jobs.run("lora", load)
+
+    @v1.post("/lora/unload", tags=["lora"])
+    async def unload_lora(body: LoraUnloadRequest | None = None) -> dict:
+        engine = state.require_engine()
+        names = body.loras if body is not None and body.loras is not None else [i.name for i in engine.loras()]
+
+        def drop() -> dict:
+            gone = [n for n in names if engine.unload_lora(n)]
+            for n in gone:
+                state.lora_scales.pop(n, None)
+            return {"unloaded": gone}
+
+        return await state.jobs.run("lora", drop)
 
     @v1.post("/token/encode", tags=["tokens"])
     async def encode(body: EncodeRequest) -> dict:
@@ -508,7 +594,8 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_chat_extras(body)
         engine = state.require_engine()
-        settings = settings_for(body, config.max_tokens_limit, body.max_completion_tokens or body.max_tokens)
+        settings = settings_for(body, config.max_tokens_limit, body.max_completion_tokens or body.max_tokens,
+                                state.request_loras(body.loras))
         messages = chat_messages(body.messages)
         name = engine.info.name
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -547,7 +634,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_completion_extras(body)
         engine = state.require_engine()
-        settings = settings_for(body, config.max_tokens_limit, body.max_tokens)
+        settings = settings_for(body, config.max_tokens_limit, body.max_tokens, state.request_loras(body.loras))
         prompt = completion_prompt(body)
         name = engine.info.name
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -599,6 +686,7 @@ def run_server(config: ServerConfig) -> None:
             raise KestrelError("is not a folder", path=config.model_dir, hint="Give a model folder to --model.")
         engine = Engine.load(config.model_dir, config.device, max_seq_len=config.max_seq_len,
                              backend=config.backend)
+        load_loras(engine, config.loras)  # a bad adapter is one error line, before the server starts
     app = create_app(config, engine)
     where = f"http://{config.host}:{config.port}"
     log.warning("Kestrel API at %s/v1 (docs at %s/docs)%s", where, where,

@@ -42,6 +42,8 @@ class ServerConfig:
     backend: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT
+    loras: tuple[tuple[str, float], ...] = ()  # (adapter folder, default scale) loaded at start-up
+    loras_root: str | None = None  # /v1/lora/load only loads folders inside this one (default: models_root)
 
 
 def is_loopback(host: str) -> bool:

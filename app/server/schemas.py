@@ -107,6 +107,9 @@ class _Common(SamplerFields):  # type: ignore[misc, valid-type]
     metadata: dict[str, Any] | None = None
     store: bool | None = None
     service_tier: str | None = None
+    loras: dict[str, float] | None = Field(
+        None, description="Kestrel extension: LoRA adapters for this request, name -> scale (see /v1/loras). "
+                          "Omitted: every loaded adapter at its load-time scaling; {}: the base model alone.")
 
 
 class ContentPart(BaseModel):
@@ -163,3 +166,21 @@ class DecodeRequest(BaseModel):
     model_config = _STRICT
     tokens: list[int] = Field(..., min_length=0)
     decode_special_tokens: bool = True
+
+
+class LoraChoice(BaseModel):
+    model_config = _STRICT
+    name: str = Field(..., min_length=1, description="An adapter folder inside the server's LoRA folder.")
+    scaling: float = Field(1.0, ge=-10, le=10, description="Default scale for requests that do not pick adapters.")
+
+
+class LoraLoadRequest(BaseModel):
+    """TabbyAPI's shape: {"loras": [{"name": ..., "scaling": ...}]}."""
+
+    model_config = _STRICT
+    loras: list[LoraChoice] = Field(..., min_length=1)
+
+
+class LoraUnloadRequest(BaseModel):
+    model_config = _STRICT
+    loras: list[str] | None = Field(None, description="Names to unload; omitted: all of them (as TabbyAPI).")

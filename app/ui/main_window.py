@@ -35,6 +35,7 @@ from .chat_source import LOCAL, ChatTarget, RemoteChats, RemoteSource
 from .chat_view import ChatView
 from .conversation_list import ConversationList
 from .endpoints import ChatPicker, EndpointsDialog
+from .lora_panel import LoraPanel
 from .model_panel import ModelPanel, RecentModels
 from .prefs import Prefs
 from .presets import PresetStore
@@ -267,6 +268,11 @@ class MainWindow(QMainWindow):
         self.sampler_panel = SamplerPanel(PresetStore(self.config_dir))
         self.sampler_panel.changed.connect(self._settings_edited)
         layout.addWidget(self.sampler_panel)
+        section("LoRA adapters")
+        self.lora_panel = LoraPanel(self.client)
+        self.lora_panel.changed.connect(self._settings_edited)
+        self.lora_panel.error.connect(self.show_error)
+        layout.addWidget(self.lora_panel)
         layout.addStretch(1)
         scroll.setWidget(body)
         outer.addWidget(scroll)
@@ -422,6 +428,7 @@ class MainWindow(QMainWindow):
             if conversation_id is None:
                 self.title_label.setText(NEW_TITLE)
                 self.system_prompt.setPlainText("")
+                self.lora_panel.set_selection({})
                 self.chat.set_messages([])
             else:
                 conv = self.store.get_conversation(conversation_id)
@@ -429,6 +436,7 @@ class MainWindow(QMainWindow):
                 self.system_prompt.setPlainText(conv.system_prompt)
                 self.sampler_panel.set_values(conv.sampler_settings,
                                               conv.extra.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+                self.lora_panel.set_selection(conv.extra.get("loras", {}))
                 self.chat.set_messages(self.store.messages(conversation_id))
                 self.chat_picker.select(ChatTarget(conv.endpoint_id, conv.model_path or "")
                                         if conv.endpoint_id is not None else LOCAL)
@@ -455,7 +463,7 @@ class MainWindow(QMainWindow):
             title_from(first_text), system_prompt=self.system_prompt.toPlainText(),
             model_path=self.model_info.path if self.model_info else None,
             sampler_settings=self.sampler_panel.values(),
-            extra={"max_new_tokens": self.sampler_panel.max_tokens.value()})
+            extra={"max_new_tokens": self.sampler_panel.max_tokens.value(), "loras": self.lora_panel.selection()})
         self.current_id = cid
         self.sidebar.search.clear()
         self.refresh_list()
@@ -533,7 +541,8 @@ class MainWindow(QMainWindow):
             self.store.update_conversation(
                 self.current_id, system_prompt=self.system_prompt.toPlainText(),
                 sampler_settings=self.sampler_panel.values(),
-                extra=conv.extra | {"max_new_tokens": self.sampler_panel.max_tokens.value()})
+                extra=conv.extra | {"max_new_tokens": self.sampler_panel.max_tokens.value(),
+                                    "loras": self.lora_panel.selection()})
         except StoreError as e:
             self.flash(f"Settings not saved: {e}")
 
@@ -639,6 +648,8 @@ class MainWindow(QMainWindow):
         samplers = self.sampler_panel.values()
         settings = backend.generation_settings(samplers, self.sampler_panel.max_tokens.value())
         source, name, path, endpoint_id = self._chat_source()
+        if source is self.client:  # adapters live on the local engine; a remote server has its own
+            settings.loras = self.lora_panel.request_loras()
         if (conv.model_path, conv.endpoint_id) != (path, endpoint_id):
             self.store.update_conversation(cid, model_path=path, endpoint_id=endpoint_id)
         reply_id = self.store.begin_reply(cid, model=name, sampler_settings=samplers)

@@ -13,10 +13,9 @@ from typing import Any
 
 from app.engine.errors import KestrelError
 
-from .theme import RESOURCES
-
 log = logging.getLogger(__name__)
-BUILTIN_FILE = RESOURCES / "presets.json"
+# Not theme.RESOURCES: the CLI's --preset reads presets too, without importing Qt.
+BUILTIN_FILE = Path(__file__).resolve().parents[2] / "resources" / "presets.json"
 
 
 class PresetError(KestrelError):
