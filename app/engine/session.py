@@ -4,6 +4,7 @@ engine for the CLI, the GUI and the server.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 from collections.abc import Iterator
@@ -63,8 +64,8 @@ class Engine:
         extra = [s for s in self.template.stop_strings() if s not in settings.stop_strings]
         if not extra:
             return settings
-        return GenerationSettings(settings.max_new_tokens, dict(settings.samplers), settings.seed,
-                                  list(settings.stop_strings) + extra, settings.stop_on_eos)
+        return dataclasses.replace(settings, samplers=dict(settings.samplers),
+                                   stop_strings=list(settings.stop_strings) + extra)
 
     def stream_chat(self, messages: list[dict], settings: GenerationSettings | None = None) -> Iterator[Chunk]:
         settings = self._with_template_stops(settings or GenerationSettings())
