@@ -154,3 +154,26 @@ def test_logprobs_of_chosen_and_top_tokens(engine: Engine) -> None:
     assert math.isclose(entries[0].logprob, float(torch.log_softmax(logits.float(), -1)[tokens[0]]), abs_tol=1e-4)
     none = list(engine.generator.stream(ids, GenerationSettings(max_new_tokens=2)))
     assert all(c.logprobs is None for c in none)
+
+
+def test_cli_json_schema_and_regex(smollm2_fp16_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from app.cli import main
+
+    schema_file = tmp_path / "answer.json"
+    schema_file.write_text(json.dumps({"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}},
+                                       "required": ["answer"], "additionalProperties": False}))
+    base = ["generate", "--model", smollm2_fp16_dir, "--device", "cpu", "--chat", "--temperature", "0",
+            "--max-new-tokens", "20", "--prompt", "Is the sky blue?"]
+    assert main(base + ["--json-schema", str(schema_file)]) == 0
+    assert json.loads(capsys.readouterr().out)["answer"] in ("yes", "no")
+    assert main(base + ["--regex", "(yes|no), [a-z]{1,8}"]) == 0
+    assert re.fullmatch("(yes|no), [a-z]{1,8}", capsys.readouterr().out.strip())
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"type": "object", "properties": {"a": {"$ref": "#/$defs/gone"}}}')
+    assert main(base + ["--json-schema", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and str(bad) in err and "\n" not in err
+    (tmp_path / "broken.json").write_text("{nope")
+    assert main(base + ["--json-schema", str(tmp_path / "broken.json")]) == 2
+    assert "not valid JSON" in capsys.readouterr().err

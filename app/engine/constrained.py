@@ -114,6 +114,20 @@ def validate_schema(schema: Any, tokenizer: Tokenizer | None = None, origin: str
                               hint="Fix the schema.")
 
 
+def load_schema_file(path: str) -> dict:
+    """A JSON schema from a file (CLI --json-schema), checked so a bad one fails before any work."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            schema = json.load(f)
+    except OSError as exc:
+        raise ConstraintError(f"cannot be read ({exc.strerror or exc})", path=path,
+                              hint="Give the path of a JSON schema file.") from None
+    except ValueError as exc:
+        raise ConstraintError(f"is not valid JSON ({exc})", path=path, hint="Fix the JSON schema file.") from None
+    validate_schema(schema, origin=path)
+    return schema
+
+
 class Constraint:
     """One request's grammar state: masks logits, follows sampled tokens, knows when it is complete."""
 
