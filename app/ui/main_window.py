@@ -37,6 +37,7 @@ from .model_panel import ModelPanel, RecentModels
 from .prefs import Prefs
 from .presets import PresetStore
 from .sampler_panel import DEFAULT_MAX_NEW_TOKENS, SamplerPanel
+from .structured_output import StructuredOutputField
 from .theme import THEMES, Theme, apply_theme, icon_set
 from .worker import EngineClient, ErrorReport, LoadRequest
 
@@ -252,6 +253,9 @@ class MainWindow(QMainWindow):
         self.sampler_panel = SamplerPanel(PresetStore(self.config_dir))
         self.sampler_panel.changed.connect(self._settings_edited)
         layout.addWidget(self.sampler_panel)
+        self.structured = StructuredOutputField()
+        self.structured.changed.connect(self._settings_edited)
+        layout.addWidget(self.structured)
         layout.addStretch(1)
         scroll.setWidget(body)
         outer.addWidget(scroll)
@@ -404,6 +408,7 @@ class MainWindow(QMainWindow):
             if conversation_id is None:
                 self.title_label.setText(NEW_TITLE)
                 self.system_prompt.setPlainText("")
+                self.structured.set_text("")
                 self.chat.set_messages([])
             else:
                 conv = self.store.get_conversation(conversation_id)
@@ -411,6 +416,7 @@ class MainWindow(QMainWindow):
                 self.system_prompt.setPlainText(conv.system_prompt)
                 self.sampler_panel.set_values(conv.sampler_settings,
                                               conv.extra.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+                self.structured.set_text(str(conv.extra.get("json_schema", "")))
                 self.chat.set_messages(self.store.messages(conversation_id))
                 gen = self.generation
                 if gen is not None and gen.conversation_id == conversation_id:
@@ -435,7 +441,7 @@ class MainWindow(QMainWindow):
             title_from(first_text), system_prompt=self.system_prompt.toPlainText(),
             model_path=self.model_info.path if self.model_info else None,
             sampler_settings=self.sampler_panel.values(),
-            extra={"max_new_tokens": self.sampler_panel.max_tokens.value()})
+            extra={"max_new_tokens": self.sampler_panel.max_tokens.value(), "json_schema": self.structured.text()})
         self.current_id = cid
         self.sidebar.search.clear()
         self.refresh_list()
@@ -513,7 +519,8 @@ class MainWindow(QMainWindow):
             self.store.update_conversation(
                 self.current_id, system_prompt=self.system_prompt.toPlainText(),
                 sampler_settings=self.sampler_panel.values(),
-                extra=conv.extra | {"max_new_tokens": self.sampler_panel.max_tokens.value()})
+                extra=conv.extra | {"max_new_tokens": self.sampler_panel.max_tokens.value(),
+                                    "json_schema": self.structured.text()})
         except StoreError as e:
             self.flash(f"Settings not saved: {e}")
 
@@ -618,6 +625,7 @@ class MainWindow(QMainWindow):
         messages = chat_messages(conv.system_prompt, self.store.messages(cid))
         samplers = self.sampler_panel.values()
         settings = backend.generation_settings(samplers, self.sampler_panel.max_tokens.value())
+        settings.json_schema = self.structured.schema()  # None when the field is empty or invalid
         info = self.model_info
         if conv.model_path != info.path:
             self.store.update_conversation(cid, model_path=info.path)
