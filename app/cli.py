@@ -37,6 +37,8 @@ def _sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--stop", action="append", default=[], help="stop string, repeatable")
+    p.add_argument("--json-schema", default=None, metavar="FILE", help="constrain the reply to this JSON schema")
+    p.add_argument("--regex", default=None, help="constrain the reply to this regular expression")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -101,8 +103,12 @@ def _settings(args: argparse.Namespace) -> Any:
             from app.engine.errors import GenerationError
             raise GenerationError(f"--sampler {item!r} must look like NAME=VALUE")
         samplers[name.strip().replace("-", "_")] = value.strip()
+    schema = None
+    if args.json_schema:
+        from app.engine.constrained import load_schema_file
+        schema = load_schema_file(args.json_schema)
     return GenerationSettings(max_new_tokens=args.max_new_tokens, samplers=samplers, seed=args.seed,
-                              stop_strings=list(args.stop))
+                              stop_strings=list(args.stop), json_schema=schema, regex=args.regex or None)
 
 
 def _preset(name: str) -> dict[str, Any]:

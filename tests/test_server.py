@@ -202,10 +202,17 @@ def test_malformed_requests_get_openai_errors(server: ServerThread) -> None:
     assert_error(httpx.post(chat, json={**ok, "stop": [""]}), 400, "stop")
     assert_error(httpx.post(chat, json={**ok, "dry_allowed_length": 0}), 400, "dry_allowed_length")
     assert_error(httpx.post(chat, json={**ok, "banned_strings": ["x"] * 1000}), 400, "banned_strings")
-    for extra, param in (({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-                         ({"response_format": {"type": "json_object"}}, "response_format"),
-                         ({"logprobs": True}, "logprobs")):
-        assert "not supported yet" in assert_error(httpx.post(chat, json={**ok, **extra}), 400, param)["message"]
+    for extra, param in (({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0"),
+                         ({"tools": [{"type": "function", "function": {"name": "f"}}],
+                           "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
+                         ({"response_format": {"type": "yaml"}}, "response_format.type"),
+                         ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "strnig"}}}},
+                          "response_format.json_schema.schema"),
+                         ({"top_logprobs": 2}, "top_logprobs"),
+                         ({"logprobs": True, "top_logprobs": 99}, "top_logprobs")):
+        assert_error(httpx.post(chat, json={**ok, **extra}), 400, param)
+    assert "not supported yet" in assert_error(httpx.post(chat, json={**ok, "functions": [{"name": "f"}]}), 400,
+                                               "functions")["message"]
     assert_error(httpx.post(chat, content=b"x" * (65 * 1024)), 413)
     long_prompt = {"prompt": "word " * 600, "max_tokens": 1}
     assert "context" in assert_error(httpx.post(url + "/v1/completions", json=long_prompt), 400)["message"]

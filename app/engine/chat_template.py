@@ -267,5 +267,11 @@ class ChatTemplate:
                                  hint="Fix the template, or choose a built-in one in the model settings.") \
                 from None
 
+    @property
+    def supports_tools(self) -> bool:
+        """Whether the template renders a `tools` list itself (else the server writes tools into the
+        system message, Hermes-style)."""
+        return self._tool_template is not None or "tools" in self.source
+
     def stop_strings(self) -> list[str]:
         return list(self._stops)

@@ -16,13 +16,15 @@ from collections.abc import Iterator
 import torch
 
 from .cache import KVCache
+from .constrained import Constraint
 from .errors import GenerationError, OutOfMemoryError
 from .graphs import DecodeGraph, graphs_enabled
+from .logprobs import token_logprob
 from .lora import LoraRegistry
 from .model import Transformer
 from .samplers import BannedStringGuard, SamplerContext, SamplerState, sample, validate_settings
 from .tokenizer import StopStringMatcher, Tokenizer
-from .types import Chunk, GenerationSettings
+from .types import Chunk, GenerationSettings, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -133,12 +135,18 @@ class Generator:
                 f"the prompt has {len(prompt_ids)} tokens, the context holds {self.max_seq_len}",
                 hint="Shorten the conversation or load the model with a longer context.")
         max_new = max(0, min(settings.max_new_tokens, budget))
+        constraint = Constraint.from_settings(self.tokenizer, settings)  # bad schema: error before any work
         with self._lock:
             self._cancel.clear()
             self._use_loras(settings.loras)
-            yield from self._run(list(prompt_ids), settings, samplers, max_new)
+            try:
+                yield from self._run(list(prompt_ids), settings, samplers, max_new, constraint)
+            finally:
+                if constraint is not None:
+                    constraint.close()
 
-    def _run(self, ids: list[int], settings: GenerationSettings, samplers: dict, max_new: int) -> Iterator[Chunk]:
+    def _run(self, ids: list[int], settings: GenerationSettings, samplers: dict, max_new: int,
+             constraint: Constraint | None = None) -> Iterator[Chunk]:
         gen = None
         if settings.seed is not None:
             # drawn where the logits are, so sampling never copies a vocab-sized row to the host
@@ -163,9 +171,14 @@ class Generator:
         saved: dict[int, torch.Tensor] = {}  # logits by completion index, while the guard holds text
         bans: dict[int, set[int]] = {}  # completion index -> ids banned there by rollbacks
         rollbacks = 0
+        logprobs: list[tuple[int, TokenLogprob]] = []  # (completion index, TokenLogprob) not yet in a chunk
 
         def chunk(text: str, new: list[int], finish: str | None) -> Chunk:
-            return Chunk(text, new, n_prompt, len(generated), t_prefill, time.perf_counter() - t1, finish)
+            lps = None
+            if settings.logprobs is not None:
+                lps = [entry for _, entry in logprobs]
+                logprobs.clear()
+            return Chunk(text, new, n_prompt, len(generated), t_prefill, time.perf_counter() - t1, finish, lps)
 
         if logits is None:
             yield chunk("", [], "cancelled")
@@ -183,10 +196,14 @@ class Generator:
             state.banned_now = frozenset(bans.get(index, ()))
             if guard.banned:
                 saved[index] = logits
-            token = sample(logits, samplers, ctx, gen)
+            token = sample(constraint.apply(logits) if constraint else logits, samplers, ctx, gen)
             if token in eos:
                 reason = "stop"
                 break
+            if settings.logprobs is not None:
+                logprobs.append((index, token_logprob(self.tokenizer, logits, token, settings.logprobs)))
+            if constraint is not None:
+                constraint.advance(token)
             generated.append(token)
             history = torch.cat([history, torch.tensor([token])])
             text, back = guard.feed(decoder.feed(token), index)
@@ -196,6 +213,9 @@ class Generator:
                     raise GenerationError(
                         f"the reply kept running into banned strings ({rollbacks} rollbacks)",
                         hint="Remove some banned strings or loosen the filters.")
+                if constraint is not None:
+                    constraint.rollback(len(generated) - back)
+                logprobs[:] = [(i, e) for i, e in logprobs if i < back]
                 logits, decoder = self._rewind_completion(n_prompt, generated, back, bans, saved)
                 history = torch.tensor(ids[:n_prompt] + generated, dtype=torch.int64)
                 continue
@@ -206,6 +226,9 @@ class Generator:
                 return
             if text:
                 yield chunk(text, [token], None)
+            if constraint is not None and constraint.is_complete:
+                reason = "stop"  # the grammar is complete: nothing but EOS may follow
+                break
             if len(generated) >= max_new or self._cancel.is_set():
                 continue
             pos = len(self._cached_ids)

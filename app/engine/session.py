@@ -4,10 +4,10 @@ engine for the CLI, the GUI and the server.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 from collections.abc import Iterator
-from dataclasses import replace
 
 import torch
 
@@ -54,8 +54,8 @@ class Engine:
 
     # --- chat ----------------------------------------------------------------------------------
 
-    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
-        text = self.template.render(messages, add_generation_prompt=True)
+    def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        text = self.template.render(messages, add_generation_prompt=True, tools=tools)
         return self.tokenizer.encode(text, special=True)
 
     def count_chat_tokens(self, messages: list[dict]) -> int:
@@ -65,11 +65,13 @@ class Engine:
         extra = [s for s in self.template.stop_strings() if s not in settings.stop_strings]
         if not extra:
             return settings
-        return replace(settings, samplers=dict(settings.samplers), stop_strings=list(settings.stop_strings) + extra)
+        return dataclasses.replace(settings, samplers=dict(settings.samplers),
+                                   stop_strings=list(settings.stop_strings) + extra)
 
-    def stream_chat(self, messages: list[dict], settings: GenerationSettings | None = None) -> Iterator[Chunk]:
+    def stream_chat(self, messages: list[dict], settings: GenerationSettings | None = None,
+                    tools: list[dict] | None = None) -> Iterator[Chunk]:
         settings = self._with_template_stops(settings or GenerationSettings())
-        return self.generator.stream(self.chat_prompt_ids(messages), settings)
+        return self.generator.stream(self.chat_prompt_ids(messages, tools), settings)
 
     def stream_text(self, prompt: str, settings: GenerationSettings | None = None) -> Iterator[Chunk]:
         ids = self.tokenizer.encode(prompt, add_bos=self.tokenizer.add_bos_token, special=True)

@@ -16,6 +16,21 @@ class GenerationSettings:
     stop_strings: list[str] = field(default_factory=list)
     stop_on_eos: bool = True
     loras: dict[str, float] = field(default_factory=dict)  # loaded LoRA adapter name -> scale
+    # constrained output (app/engine/constrained.py): at most one of the three
+    json_schema: dict | None = None
+    regex: str | None = None
+    json_object: bool = False
+    logprobs: int | None = None  # None: off; N >= 0: each token's logprob plus the top N alternatives
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token's log-probability under the model (before samplers) and the top alternatives."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)  # (id, text, logprob), best first
 
 
 @dataclass
@@ -29,6 +44,7 @@ class Chunk:
     prefill_seconds: float
     decode_seconds: float
     finish_reason: str | None = None  # None while streaming; then "stop" | "length" | "cancelled"
+    logprobs: list[TokenLogprob] | None = None  # only when GenerationSettings.logprobs is set
 
     @property
     def tokens_per_second(self) -> float:

@@ -8,6 +8,7 @@ start-up when none is passed. Every refusal is a 4xx in OpenAI's error shape
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -45,6 +46,17 @@ from .schemas import (
     LoraUnloadRequest,
     api_name,
     sampler_values,
+)
+from .structured import (
+    call_schema,
+    chat_logprobs,
+    chosen_tools,
+    completion_logprobs,
+    functions_of,
+    logprob_count,
+    messages_with_tools,
+    parse_tool_calls,
+    response_format_fields,
 )
 
 log = logging.getLogger(__name__)
@@ -342,8 +354,8 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict]:
     """OpenAI messages -> the engine's {"role", "content": str} list."""
     out = []
     for i, m in enumerate(messages):
-        if m.role in ("tool", "function") or getattr(m, "tool_calls", None):
-            raise _unsupported("tool messages", f"messages.{i}")
+        if m.role == "function":
+            raise _unsupported("function messages (use tool messages)", f"messages.{i}")
         if isinstance(m.content, list):
             parts = []
             for part in m.content:
@@ -353,22 +365,22 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict]:
             content = "".join(parts)
         else:
             content = m.content or ""
-        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        item: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
+        extra = m.model_extra or {}
+        if m.role == "assistant" and extra.get("tool_calls"):
+            item["tool_calls"] = extra["tool_calls"]
+        if m.role == "tool" and extra.get("tool_call_id"):
+            item["tool_call_id"] = extra["tool_call_id"]
+        out.append(item)
     return out
 
 
 def check_chat_extras(req: ChatCompletionRequest) -> None:
-    if req.tools or req.functions or req.tool_choice not in (None, "none") or req.function_call is not None:
-        raise _unsupported("tool calling", "tools")
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        raise _unsupported("response_format other than text (JSON mode / schema)", "response_format")
-    if req.logprobs or req.top_logprobs:
-        raise _unsupported("logprobs", "logprobs")
+    if req.functions or req.function_call is not None:
+        raise _unsupported("functions / function_call (use tools / tool_choice)", "functions")
 
 
 def check_completion_extras(req: CompletionRequest) -> None:
-    if req.logprobs:
-        raise _unsupported("logprobs", "logprobs")
     if req.echo:
         raise _unsupported("echo", "echo")
     if req.suffix:
@@ -596,33 +608,66 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
         engine = state.require_engine()
         settings = settings_for(body, config.max_tokens_limit, body.max_completion_tokens or body.max_tokens,
                                 state.request_loras(body.loras))
+        mode, functions = chosen_tools(functions_of(body.tools), body.tool_choice)
+        fields = response_format_fields(body.response_format)
+        if mode == "required":
+            fields = {"json_schema": call_schema(functions)}  # the reply is the call: it always parses
+        settings = dataclasses.replace(settings, logprobs=logprob_count(body.logprobs, body.top_logprobs),
+                                       **fields)
         messages = chat_messages(body.messages)
+        tools = None
+        if engine.template.supports_tools and functions:
+            tools = [{"type": "function", "function": f} for f in functions]
+        else:
+            messages = messages_with_tools(messages, functions)
         name = engine.info.name
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        seen_logprobs: list = []
 
         def start() -> Iterator[Chunk]:
-            return state.require_engine().stream_chat(messages, settings)
+            for c in state.require_engine().stream_chat(messages, settings, tools=tools):
+                seen_logprobs.extend(c.logprobs or [])
+                yield c
+
+        def reply(text: str, last: Chunk | None) -> tuple[dict, str]:
+            if mode != "none":
+                content, calls = parse_tool_calls(text, forced=mode == "required")
+                if calls:
+                    return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+            return {"role": "assistant", "content": text}, finish_reason(last)
 
         def whole(text: str, last: Chunk | None) -> dict:
+            message, reason = reply(text, last)
+            lps = chat_logprobs(seen_logprobs if settings.logprobs is not None else None)
             return {"id": rid, "object": "chat.completion", "created": created, "model": name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "logprobs": None, "finish_reason": finish_reason(last)}],
+                    "choices": [{"index": 0, "message": message, "logprobs": lps, "finish_reason": reason}],
                     "usage": usage(last)}
 
-        def frame(delta: dict, reason: str | None) -> bytes:
+        def frame(delta: dict, reason: str | None, lps: dict | None = None) -> bytes:
             return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
-                        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]})
+                        "choices": [{"index": 0, "delta": delta, "logprobs": lps, "finish_reason": reason}]})
 
         async def events(stream: JobStream, chunk: Chunk | None) -> AsyncIterator[bytes]:
             yield frame({"role": "assistant", "content": ""}, None)
-            last = chunk
+            last, held = chunk, []
             while chunk is not None:
                 last = chunk
-                if chunk.text:
-                    yield frame({"content": chunk.text}, None)
+                if mode != "none":
+                    held.append(chunk.text)  # tool calls are parsed from the whole reply
+                elif chunk.text or chunk.logprobs:
+                    yield frame({"content": chunk.text}, None, chat_logprobs(chunk.logprobs))
                 chunk = await stream.next()
-            yield frame({}, finish_reason(last))
+            if mode != "none":
+                message, reason = reply("".join(held), last)
+                if message.get("tool_calls"):
+                    calls = [dict(c, index=i) for i, c in enumerate(message["tool_calls"])]
+                    yield frame({"content": message["content"], "tool_calls": calls}, None)
+                else:
+                    yield frame({"content": message["content"]}, None)
+                yield frame({}, reason)
+            else:
+                yield frame({}, finish_reason(last))
             if include_usage:
                 yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
                            "choices": [], "usage": usage(last)})
@@ -635,23 +680,28 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
         check_completion_extras(body)
         engine = state.require_engine()
         settings = settings_for(body, config.max_tokens_limit, body.max_tokens, state.request_loras(body.loras))
+        settings = dataclasses.replace(settings, logprobs=logprob_count(body.logprobs is not None, body.logprobs,
+                                                                        "logprobs"))
         prompt = completion_prompt(body)
+        seen_logprobs: list = []
         name = engine.info.name
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         def start() -> Iterator[Chunk]:
             eng = state.require_engine()
-            if isinstance(prompt, str):
-                return eng.stream_text(prompt, settings)
-            return eng.generator.stream(prompt, settings)
+            chunks = eng.stream_text(prompt, settings) if isinstance(prompt, str) else eng.generator.stream(prompt, settings)
+            for c in chunks:
+                seen_logprobs.extend(c.logprobs or [])
+                yield c
 
-        def choice(text: str, reason: str | None) -> dict:
-            return {"text": text, "index": 0, "logprobs": None, "finish_reason": reason}
+        def choice(text: str, reason: str | None, lps: dict | None = None) -> dict:
+            return {"text": text, "index": 0, "logprobs": lps, "finish_reason": reason}
 
         def whole(text: str, last: Chunk | None) -> dict:
+            lps = completion_logprobs(seen_logprobs if settings.logprobs is not None else None)
             return {"id": rid, "object": "text_completion", "created": created, "model": name,
-                    "choices": [choice(text, finish_reason(last))], "usage": usage(last)}
+                    "choices": [choice(text, finish_reason(last), lps)], "usage": usage(last)}
 
         def frame(choices: list[dict], extra: dict | None = None) -> bytes:
             return sse({"id": rid, "object": "text_completion", "created": created, "model": name,
@@ -661,8 +711,8 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
             last = chunk
             while chunk is not None:
                 last = chunk
-                if chunk.text:
-                    yield frame([choice(chunk.text, None)])
+                if chunk.text or chunk.logprobs:
+                    yield frame([choice(chunk.text, None, completion_logprobs(chunk.logprobs))])
                 chunk = await stream.next()
             yield frame([choice("", finish_reason(last))])
             if include_usage:

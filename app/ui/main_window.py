@@ -40,6 +40,7 @@ from .model_panel import ModelPanel, RecentModels
 from .prefs import Prefs
 from .presets import PresetStore
 from .sampler_panel import DEFAULT_MAX_NEW_TOKENS, SamplerPanel
+from .structured_output import StructuredOutputField
 from .theme import THEMES, Theme, apply_theme, icon_set
 from .worker import EngineClient, ErrorReport, LoadRequest
 
@@ -273,6 +274,9 @@ class MainWindow(QMainWindow):
         self.lora_panel.changed.connect(self._settings_edited)
         self.lora_panel.error.connect(self.show_error)
         layout.addWidget(self.lora_panel)
+        self.structured = StructuredOutputField()
+        self.structured.changed.connect(self._settings_edited)
+        layout.addWidget(self.structured)
         layout.addStretch(1)
         scroll.setWidget(body)
         outer.addWidget(scroll)
@@ -429,6 +433,7 @@ class MainWindow(QMainWindow):
                 self.title_label.setText(NEW_TITLE)
                 self.system_prompt.setPlainText("")
                 self.lora_panel.set_selection({})
+                self.structured.set_text("")
                 self.chat.set_messages([])
             else:
                 conv = self.store.get_conversation(conversation_id)
@@ -437,6 +442,7 @@ class MainWindow(QMainWindow):
                 self.sampler_panel.set_values(conv.sampler_settings,
                                               conv.extra.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
                 self.lora_panel.set_selection(conv.extra.get("loras", {}))
+                self.structured.set_text(str(conv.extra.get("json_schema", "")))
                 self.chat.set_messages(self.store.messages(conversation_id))
                 self.chat_picker.select(ChatTarget(conv.endpoint_id, conv.model_path or "")
                                         if conv.endpoint_id is not None else LOCAL)
@@ -463,7 +469,8 @@ class MainWindow(QMainWindow):
             title_from(first_text), system_prompt=self.system_prompt.toPlainText(),
             model_path=self.model_info.path if self.model_info else None,
             sampler_settings=self.sampler_panel.values(),
-            extra={"max_new_tokens": self.sampler_panel.max_tokens.value(), "loras": self.lora_panel.selection()})
+            extra={"max_new_tokens": self.sampler_panel.max_tokens.value(), "loras": self.lora_panel.selection(),
+                   "json_schema": self.structured.text()})
         self.current_id = cid
         self.sidebar.search.clear()
         self.refresh_list()
@@ -542,7 +549,8 @@ class MainWindow(QMainWindow):
                 self.current_id, system_prompt=self.system_prompt.toPlainText(),
                 sampler_settings=self.sampler_panel.values(),
                 extra=conv.extra | {"max_new_tokens": self.sampler_panel.max_tokens.value(),
-                                    "loras": self.lora_panel.selection()})
+                                    "loras": self.lora_panel.selection(),
+                                    "json_schema": self.structured.text()})
         except StoreError as e:
             self.flash(f"Settings not saved: {e}")
 
@@ -650,6 +658,7 @@ class MainWindow(QMainWindow):
         source, name, path, endpoint_id = self._chat_source()
         if source is self.client:  # adapters live on the local engine; a remote server has its own
             settings.loras = self.lora_panel.request_loras()
+        settings.json_schema = self.structured.schema()  # None when the field is empty or invalid
         if (conv.model_path, conv.endpoint_id) != (path, endpoint_id):
             self.store.update_conversation(cid, model_path=path, endpoint_id=endpoint_id)
         reply_id = self.store.begin_reply(cid, model=name, sampler_settings=samplers)

@@ -1,0 +1,216 @@
+"""Constrained decoding: JSON schema, regular expression or "any JSON object" output, via llguidance.
+
+A Constraint wraps one llguidance matcher for one request. Each step the generator asks it to mask
+the logits (tokens the grammar forbids become -inf, before Kestrel's samplers run), then tells it
+the sampled token. The next mask is computed on a worker thread right after advance(): llguidance
+releases the GIL, so the mask is built while the main thread launches the model's forward pass, and
+apply() only waits for it. When the grammar is complete (a JSON object's closing brace), is_complete
+turns true and the generator stops as if EOS had been sampled.
+
+Why llguidance: docs/CONSTRAINED.md (bench/compare_constrained.py) - it compiles every schema of our
+set in about a millisecond and covers all of them; outlines-core takes seconds to minutes per schema
+and formatron no longer imports with current pydantic.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import weakref
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from .errors import GenerationError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .tokenizer import Tokenizer
+
+# Compact, deterministic JSON: flexible whitespace lets a small model pad forever with newlines.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+ANY_JSON_OBJECT: dict[str, Any] = {"type": "object"}
+
+
+class ConstraintError(GenerationError):
+    """A JSON schema or regular expression cannot be turned into a grammar."""
+
+
+_TOKENIZERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_TOKENIZERS_LOCK = threading.Lock()
+_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kestrel-mask")
+
+
+def _ll_tokenizer(tokenizer: Tokenizer) -> Any:
+    """llguidance's view of our tokenizer (about a second to build, so built once per tokenizer)."""
+    import llguidance
+
+    with _TOKENIZERS_LOCK:
+        found = _TOKENIZERS.get(tokenizer)
+        if found is None:
+            eos = sorted(tokenizer.eos_ids) or None
+            found = llguidance.LLTokenizer(tokenizer._hf.to_str(), eos_token=eos)
+            _TOKENIZERS[tokenizer] = found
+        return found
+
+
+def wants_constraint(settings: Any) -> bool:
+    """Whether GenerationSettings ask for constrained output (fields may be absent on old callers)."""
+    return bool(getattr(settings, "json_schema", None) is not None or getattr(settings, "regex", None)
+                or getattr(settings, "json_object", False))
+
+
+def grammar_for(*, json_schema: Mapping | bool | None = None, regex: str | None = None,
+                json_object: bool = False, origin: str | None = None) -> str:
+    """The llguidance grammar for one of the three kinds; bad input raises ConstraintError."""
+    import llguidance
+
+    chosen = [k for k, v in (("json_schema", json_schema is not None), ("regex", bool(regex)),
+                             ("json_object", json_object)) if v]
+    if len(chosen) != 1:
+        raise ConstraintError(f"give exactly one of json_schema, regex, json_object (got {chosen or 'none'})",
+                              path=origin)
+    if regex:
+        if not isinstance(regex, str):
+            raise ConstraintError(f"the regular expression must be a string, got {type(regex).__name__}",
+                                  path=origin)
+        return llguidance.LLMatcher.grammar_from_regex(regex)
+    schema = ANY_JSON_OBJECT if json_object else json_schema
+    if not isinstance(schema, Mapping | bool):
+        raise ConstraintError(f"the JSON schema must be a JSON object, got {type(schema).__name__}",
+                              path=origin, hint="Give a schema such as {\"type\": \"object\", ...}.")
+    try:
+        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=JSON_OPTIONS)
+    except (ValueError, TypeError) as exc:
+        raise ConstraintError(f"the JSON schema cannot be read: {exc}", path=origin,
+                              hint="Give a valid JSON Schema object.") from None
+
+
+def check_grammar(tokenizer: Tokenizer, grammar: str, what: str, origin: str | None = None) -> Any:
+    """Build the matcher, turning llguidance's error state into one clear ConstraintError."""
+    import llguidance
+
+    matcher = llguidance.LLMatcher(_ll_tokenizer(tokenizer), grammar, log_level=0)
+    if matcher.is_error():
+        raise ConstraintError(f"the {what} cannot be used for constrained output: {matcher.get_error()}",
+                              path=origin,
+                              hint=f"Fix the {what}; JSON Schema keywords such as $ref, anyOf, enum, pattern, "
+                                   "format, minItems/maxItems are supported.")
+    return matcher
+
+
+def validate_schema(schema: Any, tokenizer: Tokenizer | None = None, origin: str | None = None) -> None:
+    """Raise ConstraintError if `schema` cannot be compiled (GUI/CLI check before generating)."""
+    import llguidance
+
+    grammar = grammar_for(json_schema=schema, origin=origin)
+    if tokenizer is not None:
+        check_grammar(tokenizer, grammar, "JSON schema", origin)
+        return
+    error = llguidance.LLMatcher.validate_grammar(grammar)
+    if error and not error.startswith("WARNING"):
+        raise ConstraintError(f"the JSON schema cannot be used for constrained output: {error}", path=origin,
+                              hint="Fix the schema.")
+
+
+def load_schema_file(path: str) -> dict:
+    """A JSON schema from a file (CLI --json-schema), checked so a bad one fails before any work."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            schema = json.load(f)
+    except OSError as exc:
+        raise ConstraintError(f"cannot be read ({exc.strerror or exc})", path=path,
+                              hint="Give the path of a JSON schema file.") from None
+    except ValueError as exc:
+        raise ConstraintError(f"is not valid JSON ({exc})", path=path, hint="Fix the JSON schema file.") from None
+    validate_schema(schema, origin=path)
+    return schema
+
+
+class Constraint:
+    """One request's grammar state: masks logits, follows sampled tokens, knows when it is complete."""
+
+    def __init__(self, matcher: Any, vocab_size: int) -> None:
+        import llguidance.torch as lt
+
+        self._matcher = matcher
+        self._lt = lt
+        self.vocab_size = vocab_size
+        self._bitmask = lt.allocate_token_bitmask(1, vocab_size)
+        self._pending: Future | None = None
+        self._stopped = False
+        self._shifts: dict[Any, torch.Tensor] = {}
+
+    @classmethod
+    def from_settings(cls, tokenizer: Tokenizer, settings: Any, origin: str | None = None) -> Constraint | None:
+        """A Constraint for GenerationSettings' json_schema / regex / json_object, or None."""
+        if not wants_constraint(settings):
+            return None
+        regex = getattr(settings, "regex", None)
+        grammar = grammar_for(json_schema=getattr(settings, "json_schema", None), regex=regex,
+                              json_object=bool(getattr(settings, "json_object", False)), origin=origin)
+        what = "regular expression" if regex else "JSON schema"
+        return cls(check_grammar(tokenizer, grammar, what, origin), tokenizer.vocab_size)
+
+    # --- per step ------------------------------------------------------------------------------
+
+    def _fill(self) -> None:
+        self._lt.fill_next_token_bitmask(self._matcher, self._bitmask)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+        else:
+            self._fill()
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """Return `logits` (one row) with every token the grammar forbids set to -inf."""
+        import torch
+
+        self._wait()
+        device = logits.device
+        shifts = self._shifts.get(device)
+        if shifts is None:
+            shifts = self._shifts[device] = torch.arange(32, dtype=torch.int32, device=device)
+        words = self._bitmask[0].to(device)
+        allowed = ((words[:, None] >> shifts) & 1).bool().reshape(-1)
+        n = logits.shape[-1]
+        if allowed.numel() < n:  # model vocab padded past the tokenizer's: the extra ids never fit
+            allowed = torch.cat([allowed, allowed.new_zeros(n - allowed.numel())])
+        return logits.masked_fill(~allowed[:n], float("-inf"))
+
+    def advance(self, token: int) -> None:
+        """Follow the sampled token and start computing the next mask in the background."""
+        if not self._matcher.consume_token(int(token)):
+            raise GenerationError(f"the grammar refused token {token}: {self._matcher.get_error()}",
+                                  hint="This is a bug in constrained decoding; please report it.")
+        self._stopped = bool(self._matcher.is_stopped())
+        if not self._stopped:  # the matcher is busy on the worker until _wait(): touch nothing else
+            self._pending = _WORKER.submit(self._fill)
+
+    def rollback(self, count: int) -> None:
+        """Undo the last `count` tokens (banned-string rollback)."""
+        self._drop_pending()
+        if count and not self._matcher.rollback(count):
+            raise GenerationError(f"the grammar could not roll back {count} tokens: {self._matcher.get_error()}")
+        self._stopped = bool(self._matcher.is_stopped())
+
+    def _drop_pending(self) -> None:
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+
+    @property
+    def is_complete(self) -> bool:
+        """True once nothing but EOS can follow (the generator then stops)."""
+        return self._stopped
+
+    @property
+    def is_accepting(self) -> bool:
+        self._drop_pending()
+        return bool(self._matcher.is_accepting())
+
+    def close(self) -> None:
+        self._drop_pending()
