@@ -73,6 +73,7 @@ class BatchJob:
     bans: dict[int, set[int]] = field(default_factory=dict)
     rollbacks: int = 0
     prefill_done_at: float | None = None
+    cached_tokens: int = 0  # prompt tokens found in shared pages (not computed again)
     _wake: Callable[[], None] | None = field(default=None, repr=False)
 
     def cancel(self) -> None:
@@ -368,6 +369,7 @@ class Scheduler:
                 return  # first come, first served: wait for pages to come back
             self._waiting.pop(0)
             job.seq = self.cache.allocate(job.prompt, total)
+            job.cached_tokens = job.seq.reused
             job.started_at = time.monotonic()
             job.history = torch.tensor(job.prompt, dtype=torch.int64)
             job.state = sampler_state(self.tokenizer, job.samplers)

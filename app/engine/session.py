@@ -95,6 +95,13 @@ class Engine:
         settings = self._with_template_stops(settings or GenerationSettings())
         return self.scheduler.submit(self.chat_prompt_ids(messages), settings, emit)
 
+    def stop_serving(self) -> None:
+        """Cancel the scheduler's requests, end its thread and free its pool (a later submit makes a
+        new one)."""
+        if self._scheduler is not None:
+            self._scheduler.close(cancel=True)
+            self._scheduler = None
+
     def submit_text(self, prompt: str | list[int], settings: GenerationSettings | None = None,
                     emit: Callable[[object], None] | None = None) -> BatchJob:
         """A raw completion: text (encoded as stream_text does) or token ids."""

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -32,7 +32,7 @@ from app.engine.types import Chunk, GenerationSettings
 
 from .auth import check_key
 from .config import ApiError, ServerConfig
-from .jobs import JobQueue, JobStream
+from .jobs import BatchQueue, JobStream
 from .schemas import (
     ChatCompletionRequest,
     ChatMessage,
@@ -223,22 +223,20 @@ class EventStream(StreamingResponse):
 # --- server state -------------------------------------------------------------------------------
 
 class ServerState:
-    """The one engine and the queue that takes turns on it."""
+    """The one engine and the jobs that run on it together (continuous batching)."""
 
     def __init__(self, config: ServerConfig, engine: Engine | None) -> None:
         self.config = config
         self.engine = engine
         self.loaded_at = int(time.time())
-        self.jobs = JobQueue(self._interrupt)
-
-    def _interrupt(self) -> None:
-        if self.engine is not None:
-            self.engine.cancel()
+        self.jobs = BatchQueue()
 
     def require_engine(self) -> Engine:
         if self.engine is None or self.engine.model is None:
             raise ApiError("no model is loaded; POST /v1/model/load first", status=503,
                            type="server_error", code="model_not_loaded")
+        if self.config.cache_tokens:
+            self.engine.pool_tokens = self.config.cache_tokens  # read when its scheduler is made
         return self.engine
 
     def model_card(self) -> dict[str, Any]:
@@ -381,10 +379,11 @@ async def collect(stream: JobStream, first: Chunk | None) -> tuple[str, Chunk | 
 
 
 async def serve_generation(request: Request, state: ServerState, kind: str,
-                           start: Callable[[], Iterator[Chunk]], streamed: bool,
+                           start: Callable[[Callable[[object], None]], Any], streamed: bool,
                            whole: Callable[[str, Chunk | None], dict],
                            events: Callable[[JobStream, Chunk | None], AsyncIterator[bytes]]) -> Response:
-    """Queue one generation and answer it as JSON or as SSE; a client that leaves cancels it."""
+    """Submit one generation (`start(emit)` hands it to the engine's scheduler) and answer it as JSON
+    or as SSE; a client that leaves cancels it."""
     stream = state.jobs.stream(kind, start)
     watch = DisconnectWatch(request.receive)
     try:
@@ -435,6 +434,8 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
             state.loaded_at = int(time.time())
         yield
         state.jobs.shutdown()
+        if state.engine is not None:
+            state.engine.stop_serving()  # ends the scheduler's thread and frees its KV pool
 
     app = FastAPI(title="Kestrel", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible API over the loaded Kestrel model. Sampler extension "
@@ -447,7 +448,8 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     async def health() -> dict:
         s = state
         return {"status": "ok", "model_loaded": s.engine is not None and s.engine.model is not None,
-                "jobs_waiting": s.jobs.waiting, "job_running": s.jobs.running is not None}
+                "jobs_waiting": s.jobs.waiting, "job_running": s.jobs.running is not None,
+                "jobs_running": s.jobs.live}
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
 
@@ -514,8 +516,8 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        def start() -> Iterator[Chunk]:
-            return state.require_engine().stream_chat(messages, settings)
+        def start(emit: Callable[[object], None]) -> Any:
+            return state.require_engine().submit_chat(messages, settings, emit)
 
         def whole(text: str, last: Chunk | None) -> dict:
             return {"id": rid, "object": "chat.completion", "created": created, "model": name,
@@ -553,11 +555,8 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        def start() -> Iterator[Chunk]:
-            eng = state.require_engine()
-            if isinstance(prompt, str):
-                return eng.stream_text(prompt, settings)
-            return eng.generator.stream(prompt, settings)
+        def start(emit: Callable[[object], None]) -> Any:
+            return state.require_engine().submit_text(prompt, settings, emit)
 
         def choice(text: str, reason: str | None) -> dict:
             return {"text": text, "index": 0, "logprobs": None, "finish_reason": reason}

@@ -42,6 +42,7 @@ class ServerConfig:
     backend: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT
+    cache_tokens: int | None = None  # paged KV cache shared by concurrent requests (None: 4 contexts)
 
 
 def is_loopback(host: str) -> bool:
