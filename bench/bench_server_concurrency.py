@@ -31,6 +31,11 @@ from app.engine.tokenizer import Tokenizer  # noqa: E402
 from app.engine.types import Chunk, GenerationSettings  # noqa: E402
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def prompts_for(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(100, vocab - 100, (length,), generator=g).tolist() for _ in range(n)]
@@ -71,7 +76,7 @@ class Stream:
 def kestrel_round(sched: Scheduler, prompts: list[list[int]], new: int) -> dict:
     settings = GenerationSettings(max_new_tokens=new, samplers={"temperature": 0}, stop_on_eos=False)
     streams = [Stream() for _ in prompts]
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     for ids, s in zip(prompts, streams, strict=True):
         sched.submit(ids, settings, s)
@@ -82,8 +87,8 @@ def kestrel_round(sched: Scheduler, prompts: list[list[int]], new: int) -> dict:
     return summarize(t0, [(s.first or s.end, s.end, s.tokens) for s in streams])
 
 
-def run_kestrel(folder: str, counts: list[int], prompt: int, new: int) -> dict:
-    model = load_model(folder, device="cuda")
+def run_kestrel(folder: str, counts: list[int], prompt: int, new: int, device: str = "cuda") -> dict:
+    model = load_model(folder, device=device)
     tok = Tokenizer.from_folder(folder)
     top = max(counts)
     sched = Scheduler(model, tok, prompt + new + 64, pool_tokens=top * (prompt + new + 64), max_batch=top)
@@ -94,7 +99,8 @@ def run_kestrel(folder: str, counts: list[int], prompt: int, new: int) -> dict:
         out[str(n)] = kestrel_round(sched, prompts_for(n, prompt, vocab, n), new)
     sched.close(cancel=True)
     del sched, model
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return out
 
 
@@ -165,15 +171,16 @@ def main() -> int:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--no-exllamav2", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the Kestrel side only")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("needs a CUDA GPU (or --device cpu --no-exllamav2 for a smoke run)", file=sys.stderr)
         return 2
     counts = [int(x) for x in args.streams.split(",")]
     result = {"model": os.path.basename(os.path.normpath(args.folder)), "prompt": args.prompt, "new": args.new,
-              "gpu": torch.cuda.get_device_name(0)}
+              "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"}
     t = time.perf_counter()
-    result["kestrel"] = run_kestrel(args.folder, counts, args.prompt, args.new)
+    result["kestrel"] = run_kestrel(args.folder, counts, args.prompt, args.new, args.device)
     result["exllamav2"] = ({"skipped": "--no-exllamav2"} if args.no_exllamav2
                            else run_exllamav2(args.folder, counts, args.prompt, args.new))
     result["seconds"] = time.perf_counter() - t
