@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder /v1/model/load may load from (default: the folder holding --model)")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
     p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MiB")
+    p.add_argument("--cache-tokens", type=int, default=None,
+                   help="KV cache shared by concurrent requests, in tokens (default: 4 x the context)")
     return ap
 
 
@@ -260,7 +262,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         models_root=args.models_dir or os.path.dirname(os.path.abspath(args.model)),
         device=args.device, max_seq_len=args.max_seq_len, backend=args.backend,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_tokens_limit=args.max_tokens_limit,
-        loras=tuple(parse_lora(spec) for spec in args.lora))
+        loras=tuple(parse_lora(spec) for spec in args.lora),
+        cache_tokens=args.cache_tokens)
     from app.server.app import run_server
 
     run_server(config)

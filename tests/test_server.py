@@ -147,25 +147,66 @@ def test_seed_reproduces_a_sampled_reply(client: openai.OpenAI) -> None:
     assert first and draw(1234) == first
 
 
-def test_two_concurrent_streams_both_complete_in_turn(server: ServerThread, client: openai.OpenAI) -> None:
+def stream_chat(client: openai.OpenAI, content: str, max_tokens: int = 6) -> tuple[str, str | None]:
+    parts, reason = [], None
+    for c in client.chat.completions.create(model="m", messages=[{"role": "user", "content": content}],
+                                            max_tokens=max_tokens, temperature=0, stream=True):
+        parts.append(c.choices[0].delta.content or "")
+        reason = c.choices[0].finish_reason or reason
+    return "".join(parts), reason
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_concurrent_streams_run_together_with_the_text_they_get_alone(server: ServerThread, client: openai.OpenAI,
+                                                                      n: int) -> None:
+    asks = [f"Count to {i}" for i in range(3, 3 + n)]
+    alone = [stream_chat(client, a) for a in asks]
     results: dict[int, tuple[str, str | None]] = {}
-
-    def run(i: int) -> None:
-        parts, reason = [], None
-        for c in client.chat.completions.create(model="m", messages=[{"role": "user", "content": f"Count to {i}"}],
-                                                max_tokens=3, temperature=0, stream=True):
-            parts.append(c.choices[0].delta.content or "")
-            reason = c.choices[0].finish_reason or reason
-        results[i] = ("".join(parts), reason)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in (3, 5)]
+    threads = [threading.Thread(target=lambda i=i: results.update({i: stream_chat(client, asks[i])})) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(120)
-    assert set(results) == {3, 5} and all(text and reason == "length" for text, reason in results.values())
-    a, b = [j for j in server.app.state.kestrel.jobs.finished if j.kind == "chat"][-2:]
-    assert a.ended_at <= b.started_at  # one engine: the second job waited for the first
+        t.join(300)
+    assert [results.get(i) for i in range(n)] == alone and all(text and r == "length" for text, r in alone)
+    jobs = [j for j in server.app.state.kestrel.jobs.finished if j.kind == "chat"][-n:]
+    assert max(j.started_at for j in jobs) < min(j.ended_at for j in jobs)  # all were running at once
+
+
+def test_disconnect_mid_stream_cancels_only_that_job(server: ServerThread, client: openai.OpenAI) -> None:
+    jobs = server.app.state.kestrel.jobs
+    expected = stream_chat(client, "Count to 9", 8)
+    other: dict[str, tuple[str, str | None]] = {}
+    body = {"prompt": "The history of the world", "max_tokens": 2000, "stream": True, "ban_eos_token": True}
+    with httpx.Client(timeout=60) as http, http.stream("POST", server.url + "/v1/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # the long job is generating
+        worker = threading.Thread(target=lambda: other.update(x=stream_chat(client, "Count to 9", 8)))
+        worker.start()
+        while not any(j.kind == "chat" for j, _ in list(jobs._live.values())):
+            time.sleep(0.01)
+    left_at = time.monotonic()  # the long stream's client is gone; the chat is running
+    worker.join(300)
+    assert other["x"] == expected
+    gone = [j for j in jobs.finished if j.kind == "completion"][-1]
+    assert gone.finish_reason == "cancelled" and gone.generated_tokens < 2000 and gone.ended_at - left_at < 15
+
+
+def test_a_slow_reader_does_not_stall_another_stream(server: ServerThread, client: openai.OpenAI) -> None:
+    jobs = server.app.state.kestrel.jobs
+    expected = stream_chat(client, "Count to 7", 8)
+    body = {"messages": [{"role": "user", "content": "Count to 4"}], "max_tokens": 12, "temperature": 0,
+            "stream": True}
+    with httpx.Client(timeout=120) as http, http.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200  # headers are in; nothing of the body is read yet
+        assert stream_chat(client, "Count to 7", 8) == expected  # the other stream is not held up
+        deadline = time.monotonic() + 120
+        while not any(j.kind == "chat" and j.generated_tokens == 12 for j in list(jobs.finished)[-2:]):
+            assert time.monotonic() < deadline, "the unread job did not finish on the server"
+            time.sleep(0.05)  # the engine finished the unread job without waiting for its reader
+        text = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                       for line in r.iter_lines() if line.startswith("data: {"))
+    assert text == stream_chat(client, "Count to 4", 12)[0]
 
 
 def test_client_disconnect_cancels_the_job(server: ServerThread) -> None:

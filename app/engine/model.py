@@ -8,6 +8,7 @@ Weights come from a loader (fp16/bf16 HF folder or EXL2); kernels come from a ba
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -56,9 +57,20 @@ class Transformer:
             config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings)
         self._cos = self._sin = None
         self._rope_len = 0
-        # Active LoRA deltas by module name: (A_cat (R, in), B_cat (out, R)), scales folded into B.
-        # Set by app.engine.lora.LoraRegistry.activate; empty means the base model, at no cost.
-        self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._lora_by_thread = threading.local()
+
+    @property
+    def lora(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Active LoRA deltas by module name: (A_cat (R, in), B_cat (out, R)), scales folded into B.
+
+        Set by app.engine.lora.LoraRegistry.activate; empty means the base model, at no cost. Kept per
+        thread: the Generator's requests pick adapters while the batching scheduler's thread, sharing
+        the same weights, runs the base model."""
+        return getattr(self._lora_by_thread, "deltas", {})
+
+    @lora.setter
+    def lora(self, deltas: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self._lora_by_thread.deltas = deltas
 
     # --- introspection -------------------------------------------------------------------------
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
+from .batching import BatchJob, Scheduler
 from .chat_template import ChatTemplate
 from .generator import Generator
 from .loader import Progress, load_model
@@ -27,6 +28,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.template = template
         self.generator = generator
+        self.pool_tokens: int | None = None  # paged cache size for many requests (None: 4 contexts)
+        self._scheduler: Scheduler | None = None
 
     @classmethod
     def load(cls, path: str, device: str | None = "auto", *, max_seq_len: int | None = None,
@@ -92,9 +95,41 @@ class Engine:
     def loras(self) -> list[LoraInfo]:
         return self.generator.loras.infos()
 
+    # --- many requests at once (the server) ----------------------------------------------------
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The continuous-batching scheduler, made on first use (its paged cache is allocated then)."""
+        if self._scheduler is None:
+            self._scheduler = Scheduler(self.model, self.tokenizer, self.generator.max_seq_len,
+                                        pool_tokens=self.pool_tokens)
+        return self._scheduler
+
+    def submit_chat(self, messages: list[dict], settings: GenerationSettings | None = None,
+                    emit: Callable[[object], None] | None = None) -> BatchJob:
+        settings = self._with_template_stops(settings or GenerationSettings())
+        return self.scheduler.submit(self.chat_prompt_ids(messages), settings, emit)
+
+    def stop_serving(self) -> None:
+        """Cancel the scheduler's requests, end its thread and free its pool (a later submit makes a
+        new one)."""
+        if self._scheduler is not None:
+            self._scheduler.close(cancel=True)
+            self._scheduler = None
+
+    def submit_text(self, prompt: str | list[int], settings: GenerationSettings | None = None,
+                    emit: Callable[[object], None] | None = None) -> BatchJob:
+        """A raw completion: text (encoded as stream_text does) or token ids."""
+        if isinstance(prompt, str):
+            prompt = self.tokenizer.encode(prompt, add_bos=self.tokenizer.add_bos_token, special=True)
+        return self.scheduler.submit(prompt, settings, emit)
+
     def unload(self) -> None:
         """Drop every reference to weights and cache so memory returns to the system."""
         self.generator.cancel()
+        if self._scheduler is not None:
+            self._scheduler.close()  # running requests finish first
+            self._scheduler = None
         self.generator.loras.clear()
         self.generator._cache = None
         self.model = None  # type: ignore[assignment]

@@ -34,7 +34,7 @@ from app.engine.types import Chunk, GenerationSettings
 
 from .auth import check_key
 from .config import ApiError, ServerConfig
-from .jobs import JobQueue, JobStream
+from .jobs import BatchQueue, JobStream, SingleJob, batchable
 from .schemas import (
     ChatCompletionRequest,
     ChatMessage,
@@ -238,23 +238,21 @@ class EventStream(StreamingResponse):
 # --- server state -------------------------------------------------------------------------------
 
 class ServerState:
-    """The one engine and the queue that takes turns on it."""
+    """The one engine and the jobs that run on it together (continuous batching)."""
 
     def __init__(self, config: ServerConfig, engine: Engine | None) -> None:
         self.config = config
         self.engine = engine
         self.loaded_at = int(time.time())
-        self.jobs = JobQueue(self._interrupt)
+        self.jobs = BatchQueue()
         self.lora_scales: dict[str, float] = {}  # loaded adapters -> scale for requests that pick none
-
-    def _interrupt(self) -> None:
-        if self.engine is not None:
-            self.engine.cancel()
 
     def require_engine(self) -> Engine:
         if self.engine is None or self.engine.model is None:
             raise ApiError("no model is loaded; POST /v1/model/load first", status=503,
                            type="server_error", code="model_not_loaded")
+        if self.config.cache_tokens:
+            self.engine.pool_tokens = self.config.cache_tokens  # read when its scheduler is made
         return self.engine
 
     def model_card(self) -> dict[str, Any]:
@@ -432,10 +430,11 @@ async def collect(stream: JobStream, first: Chunk | None) -> tuple[str, Chunk | 
 
 
 async def serve_generation(request: Request, state: ServerState, kind: str,
-                           start: Callable[[], Iterator[Chunk]], streamed: bool,
+                           start: Callable[[Callable[[object], None]], Any], streamed: bool,
                            whole: Callable[[str, Chunk | None], dict],
                            events: Callable[[JobStream, Chunk | None], AsyncIterator[bytes]]) -> Response:
-    """Queue one generation and answer it as JSON or as SSE; a client that leaves cancels it."""
+    """Submit one generation (`start(emit)` hands it to the engine's scheduler) and answer it as JSON
+    or as SSE; a client that leaves cancels it."""
     stream = state.jobs.stream(kind, start)
     watch = DisconnectWatch(request.receive)
     try:
@@ -489,6 +488,8 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
             state.lora_scales = await state.jobs.run("lora", lambda: load_loras(engine, config.loras))
         yield
         state.jobs.shutdown()
+        if state.engine is not None:
+            state.engine.stop_serving()  # ends the scheduler's thread and frees its KV pool
 
     app = FastAPI(title="Kestrel", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible API over the loaded Kestrel model. Sampler extension "
@@ -501,7 +502,8 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     async def health() -> dict:
         s = state
         return {"status": "ok", "model_loaded": s.engine is not None and s.engine.model is not None,
-                "jobs_waiting": s.jobs.waiting, "job_running": s.jobs.running is not None}
+                "jobs_waiting": s.jobs.waiting, "job_running": s.jobs.running is not None,
+                "jobs_running": s.jobs.live}
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
 
@@ -625,10 +627,17 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         seen_logprobs: list = []
 
-        def start() -> Iterator[Chunk]:
-            for c in state.require_engine().stream_chat(messages, settings, tools=tools):
-                seen_logprobs.extend(c.logprobs or [])
-                yield c
+        def start(emit: Callable[[object], None]) -> Any:
+            eng = state.require_engine()
+            if not tools and batchable(settings):
+                return eng.submit_chat(messages, settings, emit)
+
+            def chunks() -> Iterator[Chunk]:  # constraints, logprobs, tools, adapters: one at a time
+                for c in eng.stream_chat(messages, settings, tools=tools):
+                    seen_logprobs.extend(c.logprobs or [])
+                    yield c
+
+            return SingleJob.start(chunks, emit, eng.generator)
 
         def reply(text: str, last: Chunk | None) -> tuple[dict, str]:
             if mode != "none":
@@ -688,12 +697,19 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        def start() -> Iterator[Chunk]:
+        def start(emit: Callable[[object], None]) -> Any:
             eng = state.require_engine()
-            chunks = eng.stream_text(prompt, settings) if isinstance(prompt, str) else eng.generator.stream(prompt, settings)
-            for c in chunks:
-                seen_logprobs.extend(c.logprobs or [])
-                yield c
+            if batchable(settings):
+                return eng.submit_text(prompt, settings, emit)
+
+            def chunks() -> Iterator[Chunk]:  # constraints, logprobs, adapters: one at a time
+                it = (eng.stream_text(prompt, settings) if isinstance(prompt, str)
+                      else eng.generator.stream(prompt, settings))
+                for c in it:
+                    seen_logprobs.extend(c.logprobs or [])
+                    yield c
+
+            return SingleJob.start(chunks, emit, eng.generator)
 
         def choice(text: str, reason: str | None, lps: dict | None = None) -> dict:
             return {"text": text, "index": 0, "logprobs": lps, "finish_reason": reason}

@@ -44,6 +44,7 @@ class ServerConfig:
     max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT
     loras: tuple[tuple[str, float], ...] = ()  # (adapter folder, default scale) loaded at start-up
     loras_root: str | None = None  # /v1/lora/load only loads folders inside this one (default: models_root)
+    cache_tokens: int | None = None  # paged KV cache shared by concurrent requests (None: 4 contexts)
 
 
 def is_loopback(host: str) -> bool:
