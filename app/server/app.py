@@ -637,7 +637,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
                     seen_logprobs.extend(c.logprobs or [])
                     yield c
 
-            return SingleJob.start(chunks, emit, eng.generator)
+            return SingleJob.start(chunks, emit, eng)
 
         def reply(text: str, last: Chunk | None) -> tuple[dict, str]:
             if mode != "none":
@@ -709,7 +709,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
                     seen_logprobs.extend(c.logprobs or [])
                     yield c
 
-            return SingleJob.start(chunks, emit, eng.generator)
+            return SingleJob.start(chunks, emit, eng)
 
         def choice(text: str, reason: str | None, lps: dict | None = None) -> dict:
             return {"text": text, "index": 0, "logprobs": lps, "finish_reason": reason}

@@ -52,8 +52,25 @@ class SharedEngine:
             finally:
                 self._holding = False
 
-    def stream_chat(self, messages: list[dict], settings: GenerationSettings | None = None) -> Iterator[Chunk]:
-        return self._locked(lambda e: e.stream_chat(messages, settings))
+    def stream_chat(self, messages: list[dict], settings: GenerationSettings | None = None,
+                    tools: list[dict] | None = None) -> Iterator[Chunk]:
+        return self._locked(lambda e: e.stream_chat(messages, settings, tools=tools))
+
+    # The server submits plain requests to the batching scheduler; here they take turns with the
+    # GUI on the engine's one cache instead, behind the same job handle.
+    def submit_chat(self, messages: list[dict], settings: GenerationSettings | None,
+                    emit: Callable[[object], None]) -> Any:
+        from .jobs import SingleJob
+
+        return SingleJob.start(lambda: self.stream_chat(messages, settings), emit, self)
+
+    def submit_text(self, prompt: str | list[int], settings: GenerationSettings | None,
+                    emit: Callable[[object], None]) -> Any:
+        from .jobs import SingleJob
+
+        if isinstance(prompt, str):
+            return SingleJob.start(lambda: self.stream_text(prompt, settings), emit, self)
+        return SingleJob.start(lambda: self.generator.stream(prompt, settings), emit, self)
 
     def stream_text(self, prompt: str, settings: GenerationSettings | None = None) -> Iterator[Chunk]:
         return self._locked(lambda e: e.stream_text(prompt, settings))
