@@ -113,8 +113,19 @@ def cuda_extension() -> dict:
     _say(f"building the CUDA extension with nvcc {release} for TORCH_CUDA_ARCH_LIST="
          f"{os.environ['TORCH_CUDA_ARCH_LIST']} (a few minutes; MAX_JOBS sets parallel compiles)")
 
+    import torch
+
     class OptionalBuildExtension(BuildExtension):
-        """A compile error leaves the package installable without the extension."""
+        """A compile error leaves the package installable without the extension.
+
+        Objects go to build/ in the checkout (not pip's temporary folder), so reinstalling after a change
+        of Python code recompiles nothing, and after a change of one .cu file only that file (ninja).
+        """
+
+        def finalize_options(self) -> None:
+            super().finalize_options()
+            tag = f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
+            self.build_temp = str(ROOT / "build" / f"{eb.EXT_NAME}-{tag}")
 
         def build_extensions(self) -> None:
             try:

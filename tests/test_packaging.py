@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import configparser
+import importlib.metadata
 import os
 import re
 import shutil
@@ -44,12 +45,18 @@ class Recorder:
         return types.SimpleNamespace(pure=[], scripts=[], binaries=[], datas=[], args=args, kwargs=kwargs)
 
 
-def run_spec(monkeypatch, tmp_path: Path, platform: str, pkg: Path = PKG) -> dict[str, dict[str, Any]]:
+def run_spec(monkeypatch, tmp_path: Path, platform: str, pkg: Path = PKG,
+             not_installed: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
     """Execute kestrel.spec as PyInstaller would, with its classes and hook helpers recorded."""
+    def copy_metadata(dist: str) -> list[tuple[str, str]]:
+        if dist in not_installed:        # what PyInstaller's copy_metadata raises then
+            raise importlib.metadata.PackageNotFoundError(dist)
+        return [(f"<{dist} metadata>", ".")]
+
     hooks = types.ModuleType("PyInstaller.utils.hooks")
     hooks.collect_data_files = lambda package: [(f"<{package} data>", package)]
     hooks.collect_submodules = lambda package: [f"{package}.<submodules>"]
-    hooks.copy_metadata = lambda dist: [(f"<{dist} metadata>", ".")]
+    hooks.copy_metadata = copy_metadata
     monkeypatch.setitem(sys.modules, "PyInstaller", types.ModuleType("PyInstaller"))
     monkeypatch.setitem(sys.modules, "PyInstaller.utils", types.ModuleType("PyInstaller.utils"))
     monkeypatch.setitem(sys.modules, "PyInstaller.utils.hooks", hooks)
@@ -94,6 +101,13 @@ def test_spec_bundles_a_built_extension(monkeypatch, tmp_path: Path) -> None:
     built.write_bytes(b"\x7fELF")
     spec = run_spec(monkeypatch, tmp_path, "linux", pkg=repo / "packaging")
     assert spec["Analysis"]["binaries"] == [(str(built), "app/engine")]
+
+
+def test_spec_skips_a_listed_component_that_is_not_installed(monkeypatch, tmp_path: Path) -> None:
+    """huggingface_hub >= 2 brings httpx2 instead of httpx: the build goes on without httpx's metadata."""
+    datas = run_spec(monkeypatch, tmp_path, "linux", not_installed=("httpx",))["Analysis"]["datas"]
+    metadata = {src for src, _ in datas if src.endswith(" metadata>")}
+    assert "<httpx metadata>" not in metadata and "<torch metadata>" in metadata
 
 
 def test_windows_bundle_has_the_linux_contents(monkeypatch, tmp_path: Path) -> None:
