@@ -129,6 +129,8 @@ def script_steps(text: str) -> dict[str, object]:
         "self-test args": sorted(set(re.findall(r"--self-test|--db|--config-dir", text))),
         "offscreen": "QT_QPA_PLATFORM" in text and "offscreen" in text,
         "archive of the folder": bool(re.search(r"tar -C|Compress-Archive", text)),
+        "can reuse the build venv": bool(re.search(r"--reuse-venv\)|\[switch\]\$ReuseVenv", text)),
+        "names the built extension": "kestrel_cuda*" in text,
     }
 
 
