@@ -2,14 +2,17 @@
 # Build Kestrel for Linux: a one-folder PyInstaller bundle, a tarball of it, and an AppImage when
 # appimagetool is on PATH. Then start the built app once (--self-test, offscreen) to prove it runs.
 #
-#   packaging/build_linux.sh [--system-site-packages] [--torch-index URL] [--no-appimage]
+#   packaging/build_linux.sh [--system-site-packages] [--torch-index URL] [--reuse-venv] [--no-appimage]
 #                            [--skip-self-test] [--install]
 #
 #   --system-site-packages  build in a venv that sees this Python's packages (no torch download)
 #   --torch-index URL       where pip gets torch, e.g. https://download.pytorch.org/whl/cu124
 #                           (default: PyPI, whose Linux torch is the CUDA build, ~2.5 GB of libraries)
+#   --reuse-venv            take packaging/build/venv as it is (no pip step), e.g. after a first run
 #   --install               add the menu entry + icon for this user (packaging/install_desktop.sh)
 #
+# With a CUDA torch and nvcc, `pip install -e` compiles the CUDA extension (setup.py; minutes) and the
+# spec bundles it; without nvcc the bundle runs the PyTorch path on the GPU (Help > About says why).
 # Outputs in packaging/dist/: Kestrel/ (run Kestrel/Kestrel), Kestrel-<version>-linux-<arch>.tar.gz,
 # and Kestrel-<version>-<arch>.AppImage. Environment: PYTHON (default python3).
 set -euo pipefail
@@ -19,15 +22,16 @@ PKG="$REPO/packaging"
 BUILD="$PKG/build"
 DIST="$PKG/dist"
 PYTHON="${PYTHON:-python3}"
-SYSTEM_SITE=""; TORCH_INDEX=""; APPIMAGE=1; SELF_TEST=1; INSTALL=0
+SYSTEM_SITE=""; TORCH_INDEX=""; APPIMAGE=1; SELF_TEST=1; INSTALL=0; PIP=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --system-site-packages) SYSTEM_SITE="--system-site-packages" ;;
         --torch-index) TORCH_INDEX="$2"; shift ;;
+        --reuse-venv) PIP=0 ;;
         --no-appimage) APPIMAGE=0 ;;
         --skip-self-test) SELF_TEST=0 ;;
         --install) INSTALL=1 ;;
-        -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -43,11 +47,16 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv $SYSTEM_SITE "$VENV"
 fi
 PY="$VENV/bin/python"
-"$PY" -m pip install --quiet --upgrade pip
-if [ -n "$TORCH_INDEX" ]; then
-    "$PY" -m pip install --quiet torch --index-url "$TORCH_INDEX"
+if [ "$PIP" = 1 ]; then
+    "$PY" -m pip install --quiet --upgrade pip
+    if [ -n "$TORCH_INDEX" ]; then
+        "$PY" -m pip install --quiet torch --index-url "$TORCH_INDEX"
+    fi
+    "$PY" -m pip install --quiet -e "$REPO" "pyinstaller>=6.6"
 fi
-"$PY" -m pip install --quiet -e "$REPO" "pyinstaller>=6.6"
+"$PY" -c "import torch; print('== torch', torch.__version__, 'CUDA', torch.version.cuda)"
+ls "$REPO"/app/engine/kestrel_cuda*.so >/dev/null 2>&1 && echo "== CUDA extension: $(ls "$REPO"/app/engine/kestrel_cuda*.so)" \
+    || echo "== no CUDA extension built (app/engine/kestrel_cuda*.so): the bundle will use the PyTorch path"
 
 # 2. The bundle.
 T0=$(date +%s)

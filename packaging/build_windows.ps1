@@ -1,11 +1,16 @@
 # Build Kestrel for Windows: a one-folder PyInstaller bundle (dist\Kestrel\Kestrel.exe, windowed, with
 # icon and version info), a self-test of the built exe, and an installer when Inno Setup is installed.
 #
-#   powershell -ExecutionPolicy Bypass -File packaging\build_windows.ps1 [-TorchIndex URL] [-SkipSelfTest]
+#   powershell -ExecutionPolicy Bypass -File packaging\build_windows.ps1 [-TorchIndex URL] [-ReuseVenv] [-SkipSelfTest]
 #
 #   -TorchIndex  where pip gets torch. Default: the CUDA 12.4 wheels (https://download.pytorch.org/whl/cu124);
 #                PyPI's Windows torch is CPU-only. Pass https://download.pytorch.org/whl/cpu for a small build.
 #   -Python      the Python to build the venv with (default: py -3.11, else python)
+#   -ReuseVenv   take packaging\build\venv as it is (no pip step), e.g. after a first run
+#
+# With the CUDA toolkit (nvcc, CUDA_PATH) and Visual Studio's C++ tools, `pip install -e` compiles the CUDA
+# extension (setup.py; minutes) and the spec bundles app\engine\*.pyd; without them the bundle runs the
+# PyTorch path on the GPU.
 #
 # Outputs in packaging\dist\: Kestrel\Kestrel.exe, Kestrel-<version>-windows-x64.zip and, with Inno Setup 6
 # (iscc.exe on PATH or in its default folder), Kestrel-<version>-setup.exe (Start-menu + optional desktop
@@ -13,6 +18,7 @@
 param(
     [string]$TorchIndex = "https://download.pytorch.org/whl/cu124",
     [string]$Python = "",
+    [switch]$ReuseVenv,
     [switch]$SkipSelfTest
 )
 $ErrorActionPreference = "Stop"
@@ -32,11 +38,17 @@ if (-not (Test-Path $Py)) {
     else { & python -m venv $Venv }
     if ($LASTEXITCODE -ne 0) { throw "could not create the build venv in $Venv" }
 }
-& $Py -m pip install --quiet --upgrade pip
-& $Py -m pip install --quiet torch --index-url $TorchIndex
-if ($LASTEXITCODE -ne 0) { throw "pip could not install torch from $TorchIndex" }
-& $Py -m pip install --quiet -e $Repo "pyinstaller>=6.6"
-if ($LASTEXITCODE -ne 0) { throw "pip could not install Kestrel's dependencies" }
+if (-not $ReuseVenv) {
+    & $Py -m pip install --quiet --upgrade pip
+    & $Py -m pip install --quiet torch --index-url $TorchIndex
+    if ($LASTEXITCODE -ne 0) { throw "pip could not install torch from $TorchIndex" }
+    & $Py -m pip install --quiet -e $Repo "pyinstaller>=6.6"
+    if ($LASTEXITCODE -ne 0) { throw "pip could not install Kestrel's dependencies" }
+}
+& $Py -c "import torch; print('== torch', torch.__version__, 'CUDA', torch.version.cuda)"
+$Ext = Get-ChildItem (Join-Path $Repo "app\engine\kestrel_cuda*.pyd") -ErrorAction SilentlyContinue
+if ($Ext) { Write-Host "== CUDA extension: $($Ext.FullName)" }
+else { Write-Host "== no CUDA extension built (app\engine\kestrel_cuda*.pyd): the bundle will use the PyTorch path" }
 
 # 2. The bundle (the spec adds the icon and the version resource on Windows).
 $Timer = [Diagnostics.Stopwatch]::StartNew()

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import ast
 import configparser
+import importlib.metadata
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -43,21 +45,27 @@ class Recorder:
         return types.SimpleNamespace(pure=[], scripts=[], binaries=[], datas=[], args=args, kwargs=kwargs)
 
 
-def run_spec(monkeypatch, tmp_path: Path, platform: str) -> dict[str, dict[str, Any]]:
+def run_spec(monkeypatch, tmp_path: Path, platform: str, pkg: Path = PKG,
+             not_installed: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
     """Execute kestrel.spec as PyInstaller would, with its classes and hook helpers recorded."""
+    def copy_metadata(dist: str) -> list[tuple[str, str]]:
+        if dist in not_installed:        # what PyInstaller's copy_metadata raises then
+            raise importlib.metadata.PackageNotFoundError(dist)
+        return [(f"<{dist} metadata>", ".")]
+
     hooks = types.ModuleType("PyInstaller.utils.hooks")
     hooks.collect_data_files = lambda package: [(f"<{package} data>", package)]
     hooks.collect_submodules = lambda package: [f"{package}.<submodules>"]
-    hooks.copy_metadata = lambda dist: [(f"<{dist} metadata>", ".")]
+    hooks.copy_metadata = copy_metadata
     monkeypatch.setitem(sys.modules, "PyInstaller", types.ModuleType("PyInstaller"))
     monkeypatch.setitem(sys.modules, "PyInstaller.utils", types.ModuleType("PyInstaller.utils"))
     monkeypatch.setitem(sys.modules, "PyInstaller.utils.hooks", hooks)
     monkeypatch.setattr(sys, "platform", platform)
     calls: list = []
-    spec_globals = {"__name__": "__main__", "SPECPATH": str(PKG), "workpath": str(tmp_path / "work"),
+    spec_globals = {"__name__": "__main__", "SPECPATH": str(pkg), "workpath": str(tmp_path / "work"),
                     **{name: Recorder(name, calls) for name in ("Analysis", "PYZ", "EXE", "COLLECT")}}
-    source = (PKG / "kestrel.spec").read_text(encoding="utf-8")
-    exec(compile(source, str(PKG / "kestrel.spec"), "exec"), spec_globals)  # noqa: S102 - our own spec
+    source = (pkg / "kestrel.spec").read_text(encoding="utf-8")
+    exec(compile(source, str(pkg / "kestrel.spec"), "exec"), spec_globals)  # noqa: S102 - our own spec
     return {name: {"args": args, **kwargs} for name, args, kwargs in calls}
 
 
@@ -80,6 +88,57 @@ def test_spec_builds_a_windowed_one_folder_bundle_with_its_data(monkeypatch, tmp
     assert exe["name"] == "Kestrel" and exe["console"] is False and exe["exclude_binaries"] is True
     assert exe["icon"] is None and exe["version"] is None        # Windows-only resources
     assert spec["COLLECT"]["name"] == "Kestrel"
+
+
+def test_spec_bundles_a_built_extension(monkeypatch, tmp_path: Path) -> None:
+    """A compiled kestrel_cuda module beside the engine goes into the bundle's app/engine."""
+    repo = tmp_path / "repo"
+    for rel in ("resources", "app/__init__.py", "app/ui", "app/engine/templates", "app/engine/csrc",
+                "packaging/kestrel.spec", "packaging/THIRD_PARTY_LICENSES.md", "packaging/version_info.txt"):
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).symlink_to(REPO / rel)
+    built = repo / "app" / "engine" / "kestrel_cuda.cpython-311-x86_64-linux-gnu.so"
+    built.write_bytes(b"\x7fELF")
+    spec = run_spec(monkeypatch, tmp_path, "linux", pkg=repo / "packaging")
+    assert spec["Analysis"]["binaries"] == [(str(built), "app/engine")]
+
+
+def test_spec_skips_a_listed_component_that_is_not_installed(monkeypatch, tmp_path: Path) -> None:
+    """huggingface_hub >= 2 brings httpx2 instead of httpx: the build goes on without httpx's metadata."""
+    datas = run_spec(monkeypatch, tmp_path, "linux", not_installed=("httpx",))["Analysis"]["datas"]
+    metadata = {src for src, _ in datas if src.endswith(" metadata>")}
+    assert "<httpx metadata>" not in metadata and "<torch metadata>" in metadata
+
+
+def test_windows_bundle_has_the_linux_contents(monkeypatch, tmp_path: Path) -> None:
+    """One spec for both: the Windows run adds only the icon and version resource."""
+    linux = run_spec(monkeypatch, tmp_path, "linux")["Analysis"]
+    windows = run_spec(monkeypatch, tmp_path, "win32")["Analysis"]
+    for key in ("datas", "hiddenimports", "excludes", "binaries"):
+        assert windows[key] == linux[key], key
+
+
+def script_steps(text: str) -> dict[str, object]:
+    """What a build script does, in terms comparable across bash and PowerShell."""
+    call = re.search(r"-m PyInstaller (.*?)kestrel\.spec", text, re.S)
+    return {
+        "pyinstaller requirement": re.findall(r'"(pyinstaller[<>=!~][^"]*)"', text),
+        "installs the repo editable": bool(re.search(r"install --quiet -e ", text)),
+        "pyinstaller flags": re.findall(r"--[a-z-]+(?: WARN)?", call.group(1)) if call else None,
+        "spec": "kestrel.spec" in text,
+        "self-test args": sorted(set(re.findall(r"--self-test|--db|--config-dir", text))),
+        "offscreen": "QT_QPA_PLATFORM" in text and "offscreen" in text,
+        "archive of the folder": bool(re.search(r"tar -C|Compress-Archive", text)),
+        "can reuse the build venv": bool(re.search(r"--reuse-venv\)|\[switch\]\$ReuseVenv", text)),
+        "names the built extension": "kestrel_cuda*" in text,
+    }
+
+
+def test_windows_build_script_parallels_the_linux_one() -> None:
+    linux = script_steps((PKG / "build_linux.sh").read_text(encoding="utf-8"))
+    windows = script_steps((PKG / "build_windows.ps1").read_text(encoding="utf-8"))
+    assert linux["pyinstaller requirement"] and linux["pyinstaller flags"]
+    assert windows == linux
 
 
 def test_spec_on_windows_adds_icon_and_version_resource(monkeypatch, tmp_path: Path) -> None:
@@ -113,10 +172,16 @@ def test_desktop_file_is_valid() -> None:
         assert entry.get(key), f"{path} lacks {key}"
     assert entry["Type"] == "Application" and entry["Terminal"] == "false" and entry["Icon"] == "kestrel"
     assert entry["Categories"].endswith(";")
-    validator = shutil.which("desktop-file-validate")
-    if validator:
-        out = subprocess.run([validator, str(path)], capture_output=True, text=True)
-        assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.skipif(not shutil.which("desktop-file-validate"),
+                    reason="desktop-file-validate is not installed (Debian: desktop-file-utils)")
+def test_desktop_file_passes_desktop_file_validate(tmp_path: Path) -> None:
+    out = subprocess.run(["desktop-file-validate", str(PKG / "kestrel.desktop")], capture_output=True, text=True)
+    assert out.returncode == 0 and not out.stdout.strip(), out.stdout + out.stderr
+    broken = tmp_path / "broken.desktop"      # the validator does reject a bad entry
+    broken.write_text((PKG / "kestrel.desktop").read_text().replace("Type=Application", "Type=Program"))
+    assert subprocess.run(["desktop-file-validate", str(broken)], capture_output=True).returncode != 0
 
 
 @pytest.mark.skipif(sys.platform != "linux" or not shutil.which("bash"), reason="Linux desktop install")

@@ -3,13 +3,20 @@
 Order: a prebuilt module (`app.engine.kestrel_cuda`, made by setup.py during `pip install` when torch
 has CUDA and nvcc is present), else a JIT build with torch.utils.cpp_extension.load, but only when
 KESTREL_JIT=1, so that ordinary CPU runs and tests never start a compiler.
+
+The top of this module imports only the standard library: setup.py loads it by file path (inside pip's
+isolated build, where neither torch nor the `app` package may be importable) for the same flags, arch
+list and CUDA-toolkit lookup the runtime and tests/test_cuda_build.py use.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import re
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 from types import ModuleType
@@ -20,6 +27,68 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 # picks the C++ standard its headers need.
 NVCC_FLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-diag-suppress=3306"]
 CXX_FLAGS = ["-O3"]
+# Ampere (A100, RTX 30), Ada (RTX 40, L4), Hopper; PTX of sm_90 lets newer GPUs JIT the kernels.
+DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
+# Written by setup.py next to the module when it did not build the extension for a CUDA torch (no
+# nvcc, CUDA major version mismatch, compile error): the runtime quotes it instead of guessing.
+STATUS_FILE = Path(__file__).resolve().parent / f"{EXT_NAME}.build-status.txt"
+
+
+def find_cuda_home() -> str | None:
+    """The CUDA toolkit folder (bin/nvcc and include/cuda_runtime_api.h), or None.
+
+    CUDA_HOME / CUDA_PATH first, then the folder above `nvcc` on PATH, then /usr/local/cuda. torch's
+    own guess takes the folder above `nvcc` even when that nvcc is a wrapper script (e.g. /usr/local/bin),
+    which then lacks the headers and libraries; so a candidate must hold the headers too.
+    """
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates += [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
+    candidates += ["/usr/local/cuda"]
+    for home in candidates:
+        if home and os.path.isfile(os.path.join(home, "include", "cuda_runtime_api.h")) and \
+                shutil.which("nvcc", path=os.path.join(home, "bin")):
+            return home
+    return None
+
+
+def nvcc_release(nvcc: str) -> str | None:
+    """'13.0' from `nvcc --version`, or None when it does not run."""
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else None
+
+
+def built_module_path() -> str | None:
+    """Where the compiled extension lies (found without importing it, so without torch), or None."""
+    try:
+        spec = importlib.util.find_spec(f"app.engine.{EXT_NAME}")
+    except (ImportError, ValueError):
+        return None
+    return spec.origin if spec and spec.origin else None
+
+
+def install_note() -> str | None:
+    """Why setup.py did not build the extension (its status file), or None."""
+    try:
+        return STATUS_FILE.read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
+def build_state() -> str:
+    """One line for `kestrel doctor`: is the extension compiled, and if not, why."""
+    path = built_module_path()
+    if path:
+        return f"built ({path})"
+    note = install_note()
+    if note:
+        return f"not built: {note}"
+    return "not built (pip install builds it where a CUDA build of torch and nvcc are present)"
 
 
 def sources() -> list[str]:
@@ -69,15 +138,21 @@ def _locate() -> tuple[ModuleType | None, str]:
         return None, "no NVIDIA GPU is usable by PyTorch here"
     try:
         return importlib.import_module(f"app.engine.{EXT_NAME}"), "prebuilt extension"
-    except ImportError:
-        pass
+    except ImportError as e:
+        load_error = (str(e).strip().splitlines() or [type(e).__name__])[0][:300] if built_module_path() else ""
     if os.environ.get("KESTREL_JIT") != "1":
-        return None, ("the extension is not built; reinstall with `pip install -e .` on a machine with nvcc, "
+        if load_error:     # e.g. built against another torch: undefined symbols
+            return None, (f"the built extension does not load ({load_error}); "
+                          "reinstall Kestrel with `pip install -e .` to rebuild it")
+        note = install_note()
+        return None, ((f"the extension was not built at install: {note}" if note else
+                       "the extension is not built") +
+                      "; reinstall with `pip install -e .` on a machine with nvcc, "
                       "or set KESTREL_JIT=1 to compile it on first use")
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    if CUDA_HOME is None and shutil.which("nvcc") is None:
+    home = find_cuda_home()
+    if home is None:
         return None, "no nvcc (CUDA toolkit) was found to compile the extension; install it or set CUDA_HOME"
+    os.environ.setdefault("CUDA_HOME", home)    # before torch.utils.cpp_extension guesses its own
     try:
         return jit_build(verbose=os.environ.get("KESTREL_JIT_VERBOSE") == "1"), "built just in time"
     except Exception as e:  # noqa: BLE001 - any compiler/linker failure becomes the reason string
