@@ -256,3 +256,30 @@ def test_convert_and_resume_after_sigkill(tiny: str, calib: torch.Tensor, tmp_pa
         Path(out_b + ".job", "job.json").write_text(json.dumps({"params": {}}))
         convert(tiny, out_b, 4.0, head_bits=16, measurement=str(EXL2_MEASUREMENT), calibration_ids=calib,
                 device="cpu")
+
+
+def test_quantize_cli(tiny: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from app.cli import main
+
+    torch.set_num_threads(1)
+    out = str(tmp_path / "q")
+    saved = str(tmp_path / "saved-measurement.json")
+    args = ["quantize", "--model", tiny, "--bpw", "4.0", "--head-bits", "16", "--out", out,
+            "--calibration", TEXT_FILES[0], "--calibration", TEXT_FILES[1], "--rows", "4", "--length", "64",
+            "--measurement", str(EXL2_MEASUREMENT), "--save-measurement", saved, "--device", "cpu"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any("quantizing layer 1/2" in x for x in lines) and any("quantizing layer 2/2" in x for x in lines)
+    assert lines[-1].startswith(f"wrote {out}: ") and "bpw" in lines[-1]
+    assert load_model(out, "cpu").is_quantized
+    assert load_measurement(saved, ModelConfig.from_folder(tiny)).blocks
+    # Bad input: one line on stderr, exit 2.
+    for bad in (["--bpw", "9"], ["--calibration", str(tmp_path / "missing.txt")]):
+        argv = args[:1] + ["--model", tiny, "--out", str(tmp_path / "x"), "--bpw", "4.0", "--device", "cpu",
+                           "--rows", "2", "--length", "32"] + bad
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err
+    os.makedirs(str(tmp_path / "y.job"))
+    assert main(args[:1] + ["--model", tiny, "--out", str(tmp_path / "y"), "--bpw", "4.0"]) == 2
+    assert "--resume" in capsys.readouterr().err
