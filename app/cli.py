@@ -5,6 +5,7 @@
   python main.py generate --model DIR --prompt TEXT [--chat] ...   completion only on stdout
   python main.py perplexity --model DIR --ids FILE.npy             last line: "perplexity: <value>"
   python main.py doctor                GPU, driver, CUDA, torch, extension, flash-attn
+  python main.py quantize --model DIR --bpw 4.0 --out DIR [--calibration FILE | --data-free] [--resume] ...
   python main.py serve --model DIR [--host 127.0.0.1] [--port 5000] [--api-key KEY]   OpenAI-compatible API
 
 Errors print as one line on stderr with a non-zero exit code, never a traceback.
@@ -86,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MiB")
     p.add_argument("--cache-tokens", type=int, default=None,
                    help="KV cache shared by concurrent requests, in tokens (default: 4 x the context)")
+
+    from app.quantize_cli import add_parser as add_quantize_parser
+
+    add_quantize_parser(sub)
     return ap
 
 
@@ -270,8 +275,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from app.quantize_cli import run
+
+    return run(args)
+
+
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "perplexity": cmd_perplexity, "doctor": cmd_doctor,
-            "serve": cmd_serve}
+            "serve": cmd_serve, "quantize": cmd_quantize}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,12 +1,15 @@
-"""Quantizer quality: perplexity and a greedy answer at several bpw targets, against fp16.
+"""Quantizer quality and speed: one measurement, then each bpw target: time, bpw, perplexity, answer.
 
-    python bench/quantize_quality.py FP16_FOLDER PPL_IDS.npy [--device cuda] [--targets 2.5,3,4,5,6,8]
-        [--work DIR] [--calibration FILE ...] [--rows 32 --length 512]
+    python bench/quantize_quality.py FP16_FOLDER [PPL_IDS.npy] [--device cuda] [--targets 2.5,3,4,5,6,8]
+        [--work DIR] [--calibration FILE ...] [--rows 32 --length 512] [--budget-s 520] [--no-exllamav2]
 
-Measures once (cached in --work as measurement.json together with the calibration ids, so a second
-run, e.g. after a time limit, skips straight to the conversions), converts at each target, then
-scores each folder: perplexity over the reference rows (each row alone) and the greedy answer to
-"What is the capital of France?". Prints a table and a JSON line.
+PPL_IDS defaults to ../shared/fixtures/reference/ppl_ids.npy (8x512; each row scored alone).
+Calibration (self-generated unless files are given) and the measurement are done once and cached in
+--work, so a second run (e.g. after a time limit) goes straight to the conversions; finished
+conversions are reused too. Each target prints one line as it finishes and the JSON file
+($OUT/quantize_quality.json, or --work) is rewritten after every step, so partial results survive a
+time limit. Targets still waiting when --budget-s is spent are skipped (and listed as skipped).
+If exllamav2 is importable, its perplexity on our output is reported too (interop + a second opinion).
 """
 
 from __future__ import annotations
@@ -27,24 +30,52 @@ from app.engine.session import Engine  # noqa: E402
 from app.engine.types import GenerationSettings  # noqa: E402
 
 QUESTION = "What is the capital of France?"
+DEFAULT_IDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "fixtures",
+                           "reference", "ppl_ids.npy")
 
 
 def score(folder: str, rows: list[list[int]], device: str) -> dict:
-    engine = Engine.load(folder, device, max_seq_len=1024)
+    engine = Engine.load(folder, device, max_seq_len=max(len(r) for r in rows) + 64)
     try:
+        t0 = time.perf_counter()
         ppl = engine.generator.perplexity(rows)
         text = "".join(c.text for c in engine.stream_chat(
             [{"role": "user", "content": QUESTION}],
             GenerationSettings(max_new_tokens=24, samplers={"temperature": 0.0})))
     finally:
         engine.unload()
-    return {"ppl": round(ppl, 4), "answer": text.strip()}
+    return {"ppl": round(ppl, 4), "answer": text.strip(), "score_s": round(time.perf_counter() - t0, 1)}
+
+
+def exllamav2_ppl(folder: str, rows: list[list[int]]) -> float | str:
+    """exllamav2's perplexity on our EXL2 folder, each row alone; a string says why not."""
+    try:
+        from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
+    except Exception as e:  # noqa: BLE001 - optional
+        return f"not importable: {type(e).__name__}"
+    try:
+        cfg = ExLlamaV2Config(folder)
+        cfg.max_seq_len = max(len(r) for r in rows) + 16
+        model = ExLlamaV2(cfg)
+        cache = ExLlamaV2Cache(model, max_seq_len=cfg.max_seq_len, lazy=True)
+        model.load_autosplit(cache)
+        nll, count = 0.0, 0
+        for row in rows:
+            ids = torch.tensor([row])
+            logits = model.forward(ids).float()[0, :-1].cpu()
+            logp = torch.log_softmax(logits, dim=-1)
+            nll -= float(logp.gather(1, ids[0, 1:, None]).sum())
+            count += len(row) - 1
+        model.unload()
+        return round(float(np.exp(nll / count)), 4)
+    except Exception as e:  # noqa: BLE001 - reported, the bench goes on
+        return f"failed: {type(e).__name__}: {e}"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
-    ap.add_argument("ppl_ids")
+    ap.add_argument("ppl_ids", nargs="?", default=DEFAULT_IDS)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--targets", default="2.5,3.0,4.0,5.0,6.0,8.0")
     ap.add_argument("--head-bits", type=int, default=6)
@@ -52,53 +83,89 @@ def main() -> None:
     ap.add_argument("--calibration", nargs="*", default=[], help="text/JSONL/Parquet files; none = self-generated")
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--length", type=int, default=512)
+    ap.add_argument("--budget-s", type=float, default=520.0, help="skip targets not started within this time")
+    ap.add_argument("--no-exllamav2", action="store_true")
+    ap.add_argument("--no-fp16", action="store_true", help="skip scoring the fp16 model")
     args = ap.parse_args()
 
+    start = time.perf_counter()
     os.makedirs(args.work, exist_ok=True)
-    rows = np.load(args.ppl_ids).astype(np.int64).tolist()
+    out_json = os.path.join(os.environ.get("OUT") or args.work, "quantize_quality.json")
+    rows = np.load(args.ppl_ids, allow_pickle=False).astype(np.int64).tolist()
     settings = CalibrationSettings(rows=args.rows, length=args.length, files=tuple(args.calibration))
-    ids_path = os.path.join(args.work, "calibration_ids.pt")
+    report: dict = {"device": args.device, "torch": torch.__version__,
+                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                    "calibration": {"rows": args.rows, "length": args.length, "dataset": settings.dataset},
+                    "results": []}
+
+    def save() -> None:
+        report["total_s"] = round(time.perf_counter() - start, 1)
+        with open(out_json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+
+    ids_path = os.path.join(args.work, "calibration_ids.npy")
     t0 = time.perf_counter()
     if os.path.isfile(ids_path):
-        ids = torch.load(ids_path)
+        ids = torch.from_numpy(np.load(ids_path, allow_pickle=False))
+        report["calibration_cached"] = True
     else:
         ids = calibration_rows(args.model, settings, args.device)
-        torch.save(ids, ids_path)
-    t_cal = time.perf_counter() - t0
+        np.save(ids_path, ids.numpy())
+    report["calibration_s"] = round(time.perf_counter() - t0, 1)
     m_path = os.path.join(args.work, "measurement.json")
     t0 = time.perf_counter()
-    if not os.path.isfile(m_path):
+    if os.path.isfile(m_path):
+        report["measurement_cached"] = True
+    else:
         measure_model(args.model, m_path, settings, calibration_ids=ids, device=args.device,
-                      progress=lambda f, msg: print(f"  [{f:5.1%}] {msg}", flush=True))
-    t_measure = time.perf_counter() - t0
-    print(f"calibration {t_cal:.1f} s, measurement {t_measure:.1f} s", flush=True)
+                      progress=lambda f, msg: print(f"  [{time.perf_counter() - t0:6.1f} s] {msg}", flush=True))
+    report["measure_s"] = round(time.perf_counter() - t0, 1)
+    print(f"calibration {report['calibration_s']} s, measurement {report['measure_s']} s", flush=True)
+    save()
 
-    results = [{"bpw_target": "fp16", **score(args.model, rows, args.device)}]
-    print(f"fp16: ppl {results[0]['ppl']}", flush=True)
-    for target in [float(t) for t in args.targets.split(",")]:
+    if not args.no_fp16:
+        r = {"bpw_target": "fp16", **score(args.model, rows, args.device)}
+        report["results"].append(r)
+        print(f"fp16: ppl {r['ppl']} {r['answer'][:60]!r}", flush=True)
+        save()
+    for target in [float(t) for t in args.targets.split(",") if t.strip()]:
+        if time.perf_counter() - start > args.budget_s:
+            report["results"].append({"bpw_target": target, "skipped": "time budget spent"})
+            print(f"{target}: skipped (time budget)", flush=True)
+            save()
+            continue
         out = os.path.join(args.work, f"exl2-{target:.2f}")
         t0 = time.perf_counter()
-        if not os.path.isfile(os.path.join(out, "config.json")):
-            res = convert(args.model, out, target, args.head_bits, settings, m_path, calibration_ids=ids,
-                          device=args.device)
-            bpw = res.bpw
-        else:
-            bpw = json.loads(open(os.path.join(out, "result.json")).read())["bpw"] \
-                if os.path.isfile(os.path.join(out, "result.json")) else float("nan")
-        t_conv = time.perf_counter() - t0
-        with open(os.path.join(out, "result.json"), "w") as f:
-            json.dump({"bpw": bpw}, f)
-        r = {"bpw_target": target, "bpw": round(bpw, 4), "convert_s": round(t_conv, 1), **score(out, rows, args.device)}
-        results.append(r)
-        print(f"{target}: bpw {r['bpw']} ppl {r['ppl']} ({t_conv:.0f} s) {r['answer'][:60]!r}", flush=True)
+        r: dict = {"bpw_target": target}
+        try:
+            res_path = os.path.join(out, "result.json")
+            if os.path.isfile(res_path):
+                with open(res_path, encoding="utf-8") as f:
+                    r.update(json.load(f), cached=True)
+            else:
+                res = convert(args.model, out, target, args.head_bits, settings, m_path, calibration_ids=ids,
+                              device=args.device)
+                r.update(bpw=round(res.bpw, 4), convert_s=round(time.perf_counter() - t0, 1))
+                with open(res_path, "w", encoding="utf-8") as f:
+                    json.dump({"bpw": r["bpw"], "convert_s": r["convert_s"]}, f)
+            r.update(score(out, rows, args.device))
+            if not args.no_exllamav2:
+                r["exllamav2_ppl"] = exllamav2_ppl(out, rows)
+        except Exception as e:  # noqa: BLE001 - one failing target must not lose the others
+            r["error"] = f"{type(e).__name__}: {e}"
+        report["results"].append(r)
+        save()
+        print(f"{target}: bpw {r.get('bpw')} convert {r.get('convert_s')} s ppl {r.get('ppl')} "
+              f"exllamav2 {r.get('exllamav2_ppl')} {r.get('answer', r.get('error', ''))[:60]!r}", flush=True)
 
     print()
-    print(f"{'target':>8} {'bpw':>7} {'ppl':>9}  answer")
-    for r in results:
-        print(f"{r['bpw_target']!s:>8} {r.get('bpw', 16.0)!s:>7} {r['ppl']:>9.3f}  {r['answer'][:70]!r}")
-    print(json.dumps({"device": args.device, "calibration": {"rows": int(ids.shape[0]), "length": int(ids.shape[1]),
-                                                              "dataset": settings.dataset},
-                      "measure_s": round(t_measure, 1), "results": results}))
+    print(f"{'target':>8} {'bpw':>7} {'conv s':>7} {'ppl':>9} {'exl2 ppl':>9}  answer")
+    for r in report["results"]:
+        print(f"{r['bpw_target']!s:>8} {r.get('bpw', '')!s:>7} {r.get('convert_s', '')!s:>7} "
+              f"{r.get('ppl', '')!s:>9} {r.get('exllamav2_ppl', '')!s:>9}  "
+              f"{(r.get('answer') or r.get('error') or r.get('skipped') or '')[:60]!r}")
+    print(f"total {time.perf_counter() - start:.0f} s; JSON: {out_json}")
+    save()
 
 
 if __name__ == "__main__":

@@ -144,22 +144,36 @@ def test_measurement_round_trip(tmp_path: Path) -> None:
         load_measurement(str(tmp_path / "bad.json"))
 
 
-def test_calibration_sources(tiny: str, tmp_path: Path) -> None:
+def test_calibration_sources(tiny: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     jsonl = tmp_path / "c.jsonl"
     jsonl.write_text("\n".join(json.dumps({"text": f"Sentence number {i} about quantization."}) for i in range(40)))
     rows = rows_from_files(CalibrationSettings(rows=2, length=32, files=(str(jsonl),)), Tokenizer.from_folder(tiny))
     assert [len(r) for r in rows] == [32, 32]
     with pytest.raises(QuantizeError, match="tokens"):
         rows_from_files(CalibrationSettings(rows=50, length=64, files=(str(jsonl),)), Tokenizer.from_folder(tiny))
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError:
-        (tmp_path / "c.parquet").write_bytes(b"PAR1")
-        with pytest.raises(QuantizeError, match="pyarrow"):
-            rows_from_files(CalibrationSettings(rows=1, length=16, files=(str(tmp_path / "c.parquet"),)),
-                            Tokenizer.from_folder(tiny))
-    a = self_generated_rows(tiny, CalibrationSettings(rows=2, length=48, seed=3), device="cpu")
-    assert len(a) == 2 and all(len(r) == 48 for r in a) and a[0] != a[1]
+    # Parquet through pyarrow; without pyarrow, one clear error naming the package.
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow
+
+    parquet = tmp_path / "c.parquet"
+    pq.write_table(pyarrow.table({"text": [f"Row {i} of a parquet calibration file." for i in range(40)]}), parquet)
+    from_parquet = rows_from_files(CalibrationSettings(rows=2, length=32, files=(str(parquet),)),
+                                   Tokenizer.from_folder(tiny))
+    assert [len(r) for r in from_parquet] == [32, 32] and from_parquet != rows
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as if pyarrow were not installed
+    with pytest.raises(QuantizeError, match="pip install pyarrow"):
+        rows_from_files(CalibrationSettings(rows=1, length=16, files=(str(parquet),)), Tokenizer.from_folder(tiny))
+    with pytest.raises(QuantizeError, match="no string field"):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"content": "x"}\n')
+        rows_from_files(CalibrationSettings(rows=1, length=16, files=(str(bad),)), Tokenizer.from_folder(tiny))
+    # Data-free: seeded, so the same settings give the same rows; rows differ from each other.
+    a = self_generated_rows(tiny, CalibrationSettings(rows=2, length=64, seed=3), device="cpu")
+    assert len(a) == 2 and all(len(r) == 64 for r in a) and a[0] != a[1]
+    assert a == self_generated_rows(tiny, CalibrationSettings(rows=2, length=64, seed=3), device="cpu")
+    tok = Tokenizer.from_folder(tiny)
+    prompts = [tok.decode(r) for r in a]
+    assert all("<|im_start|>user" in p and "<|im_start|>assistant" in p for p in prompts)
 
 
 def test_measure_model(tiny: str, calib: torch.Tensor, tmp_path: Path) -> None:
@@ -242,3 +256,30 @@ def test_convert_and_resume_after_sigkill(tiny: str, calib: torch.Tensor, tmp_pa
         Path(out_b + ".job", "job.json").write_text(json.dumps({"params": {}}))
         convert(tiny, out_b, 4.0, head_bits=16, measurement=str(EXL2_MEASUREMENT), calibration_ids=calib,
                 device="cpu")
+
+
+def test_quantize_cli(tiny: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from app.cli import main
+
+    torch.set_num_threads(1)
+    out = str(tmp_path / "q")
+    saved = str(tmp_path / "saved-measurement.json")
+    args = ["quantize", "--model", tiny, "--bpw", "4.0", "--head-bits", "16", "--out", out,
+            "--calibration", TEXT_FILES[0], "--calibration", TEXT_FILES[1], "--rows", "4", "--length", "64",
+            "--measurement", str(EXL2_MEASUREMENT), "--save-measurement", saved, "--device", "cpu"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any("quantizing layer 1/2" in x for x in lines) and any("quantizing layer 2/2" in x for x in lines)
+    assert lines[-1].startswith(f"wrote {out}: ") and "bpw" in lines[-1]
+    assert load_model(out, "cpu").is_quantized
+    assert load_measurement(saved, ModelConfig.from_folder(tiny)).blocks
+    # Bad input: one line on stderr, exit 2.
+    for bad in (["--bpw", "9"], ["--calibration", str(tmp_path / "missing.txt")]):
+        argv = args[:1] + ["--model", tiny, "--out", str(tmp_path / "x"), "--bpw", "4.0", "--device", "cpu",
+                           "--rows", "2", "--length", "32"] + bad
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err
+    os.makedirs(str(tmp_path / "y.job"))
+    assert main(args[:1] + ["--model", tiny, "--out", str(tmp_path / "y"), "--bpw", "4.0"]) == 2
+    assert "--resume" in capsys.readouterr().err

@@ -217,12 +217,15 @@ class MainWindow(QMainWindow):
         self.server_button = self._header_button("cpu", "Local server: serve the loaded model over the "
                                                         "OpenAI-compatible API")
         self.server_button.clicked.connect(self.open_local_server)
+        self.quantize_button = self._header_button("cpu", "Quantize a model to EXL2 (Ctrl+Shift+Q)")
+        self.quantize_button.clicked.connect(self.open_quantize_wizard)
         row.addWidget(self.sidebar_button)
         row.addSpacing(4)
         row.addLayout(titles)
         row.addStretch(1)
         row.addWidget(self.models_button)
         row.addWidget(self.server_button)
+        row.addWidget(self.quantize_button)
         row.addWidget(self.theme_button)
         row.addWidget(self.panel_button)
         return header
@@ -302,6 +305,7 @@ class MainWindow(QMainWindow):
         add("Search chats", "Ctrl+K", lambda: self.sidebar.search.setFocus())
         add("Toggle theme", "Ctrl+Shift+L", self.toggle_theme)
         add("Models", "Ctrl+Shift+M", lambda: self.open_models("browse"))
+        add("Quantize a model", "Ctrl+Shift+Q", self.open_quantize_wizard)
 
     models_window: Any = None
 
@@ -315,6 +319,16 @@ class MainWindow(QMainWindow):
             self.models_window.load_requested.connect(self.load_model)
         self.models_window.show_page(page)
         return self.models_window
+
+    def open_quantize_wizard(self) -> Any:
+        """The quantize wizard (fp16 -> EXL2); its "Open in chat" loads the result like the Load button."""
+        from .hub_browser import default_library_dir
+        from .quantize_wizard import QuantizeWizard
+
+        wizard = QuantizeWizard([default_library_dir()], self)
+        wizard.open_in_chat.connect(self.load_model)
+        wizard.show()
+        return wizard
 
     def _after_show(self) -> None:
         """Work that must not delay the first paint: sampler specs (may import torch) and NVML."""

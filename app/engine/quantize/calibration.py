@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -117,32 +118,60 @@ def rows_from_files(settings: CalibrationSettings, tokenizer: Tokenizer) -> list
 
 def self_generated_rows(model_folder: str, settings: CalibrationSettings, device: str = "auto",
                         progress: Progress | None = None) -> list[list[int]]:
-    """Data-free calibration: the model answers seeded prompts; each row is chat prompt + answer tokens."""
-    from ..session import Engine
-    from ..types import GenerationSettings
+    """Data-free calibration: the model answers seeded prompts; each row is chat prompts + answers.
 
-    engine = Engine.load(model_folder, device, max_seq_len=settings.length + 512)
+    All rows advance together one position per step (batch = rows), so no padding or masks are
+    needed: a row whose prompt is not yet consumed is fed its next prompt token, otherwise the
+    sampled one; after an end-of-sequence it starts a fresh prompt. `length` batched decode steps
+    instead of rows x length single ones is what makes this fast on a GPU.
+    """
+    from ..session import Engine
+
+    engine = Engine.load(model_folder, device, max_seq_len=settings.length)
     rng = random.Random(settings.seed)
-    rows: list[list[int]] = []
+    gen = torch.Generator().manual_seed(settings.seed)
+    eos = set(engine.tokenizer.eos_ids)
+    n, length = settings.rows, settings.length
+    model = engine.model
+
+    def prompt() -> deque[int]:
+        text = rng.choice(TASKS).format(t=rng.choice(TOPICS))
+        return deque(engine.chat_prompt_ids([{"role": "user", "content": text}]))
+
     try:
-        for r in range(settings.rows):
-            row: list[int] = []
-            while len(row) < settings.length:
-                prompt = rng.choice(TASKS).format(t=rng.choice(TOPICS))
-                ids = engine.chat_prompt_ids([{"role": "user", "content": prompt}])
-                gen = GenerationSettings(max_new_tokens=max(16, settings.length - len(row) - len(ids)),
-                                         samplers={"temperature": 0.8, "top_p": 0.95},
-                                         seed=rng.randrange(2**31))
-                out: list[int] = []
-                for chunk in engine.generator.stream(ids, gen):
-                    out += chunk.token_ids
-                row += ids + out + sorted(engine.tokenizer.eos_ids)[:1]
-            rows.append(row[:settings.length])
-            if progress:
-                progress((r + 1) / settings.rows, f"generated calibration row {r + 1}/{settings.rows}")
+        cache = model.allocate_cache(length, batch=n)
+        queues = [prompt() for _ in range(n)]
+        nxt = [q.popleft() for q in queues]
+        rows: list[list[int]] = [[] for _ in range(n)]
+        for pos in range(length):
+            for r in range(n):
+                rows[r].append(nxt[r])
+            if pos == length - 1:
+                break
+            logits = model.forward(torch.tensor(nxt, device=model.device).view(n, 1), cache, pos)[:, -1]
+            sampled = _sample(logits.float().cpu(), gen, temperature=0.8, top_p=0.95)
+            for r in range(n):
+                if queues[r]:
+                    nxt[r] = queues[r].popleft()
+                else:
+                    nxt[r] = sampled[r]
+                    if nxt[r] in eos:
+                        queues[r] = prompt()
+            if progress and (pos + 1) % 32 == 0:
+                progress((pos + 1) / length, f"generating calibration text: {pos + 1}/{length} tokens x {n} rows")
     finally:
         engine.unload()
     return rows
+
+
+def _sample(logits: torch.Tensor, gen: torch.Generator, temperature: float, top_p: float) -> list[int]:
+    """Nucleus sampling of one token per row of logits (rows, vocab), seeded, among the top 256."""
+    top, order = torch.topk(logits, min(256, logits.shape[-1]), dim=-1)  # sorted, descending
+    sorted_p = torch.softmax(top / temperature, dim=-1)
+    keep = sorted_p.cumsum(-1) - sorted_p < top_p  # the top token is always kept
+    sorted_p = sorted_p * keep
+    pick = torch.multinomial(sorted_p, 1, generator=gen)
+    return order.gather(1, pick).view(-1).tolist()
 
 
 def calibration_rows(model_folder: str, settings: CalibrationSettings, device: str = "auto",

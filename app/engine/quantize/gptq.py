@@ -17,7 +17,7 @@ import torch
 
 from ..errors import KestrelError
 from ..exl2 import Exl2Tensors, pack_layer
-from ..exl2_writer import group_scales
+from ..exl2_writer import group_scales_many
 
 PERCDAMP = 0.1
 
@@ -167,7 +167,7 @@ def identity_prepared(in_features: int, device: torch.device) -> Prepared:
 
 @dataclass
 class QuantizedLinear:
-    tensors: Exl2Tensors
+    tensors: Exl2Tensors | None  # None when quantized for measurement only (pack=False)
     weight: torch.Tensor  # fp16 (out, in): exactly what the loader will dequantize
     bits: int             # stored bits
 
@@ -179,14 +179,19 @@ def gptq_quantize(weight: torch.Tensor, prep: Prepared, groups: list[tuple[int, 
 
 
 def gptq_quantize_many(weights: list[torch.Tensor], prep: Prepared, layouts: list[list[tuple[int, int]]],
-                       biases: list[torch.Tensor | None] | None = None, block: int = 32) -> list[QuantizedLinear]:
+                       biases: list[torch.Tensor | None] | None = None, block: int = 32,
+                       pack: bool = True) -> list[QuantizedLinear]:
     """GPTQ for several (weight, group layout) pairs that share one input, hence one Hessian, in one pass.
 
     Output columns are independent in GPTQ, so the weights are laid side by side and every row step
     runs once for all of them; each one keeps its own groups, bit widths and scales (per-column
     vectors). Errors propagate within `block`-row blocks row by row and to later rows once per block;
     group starts fall on block starts (groups are multiples of 32 rows), so every group's scales are
-    found from rows that have already taken the error of all earlier rows.
+    found from rows that have already taken the error of all earlier rows. The scales of all groups
+    starting at one row are searched in one batched op, with no host sync in the loop.
+
+    pack=False (measurement) skips the EXL2 packing: `tensors` is None, `weight` stays float32 on
+    the quantizer's device, and `bits` comes from the layout.
     """
     device = prep.hinv.device
     in_f = weights[0].shape[1]
@@ -218,14 +223,8 @@ def gptq_quantize_many(weights: list[torch.Tensor], prep: Prepared, layouts: lis
     scale_max: list[list[torch.Tensor]] = [[] for _ in weights]
     for a in range(0, in_f, block):
         b = min(a + block, in_f)
-        for seg, bits, rows in starts.get(a, []):
-            cols = slice(offs[seg], offs[seg + 1])
-            sc, smax, sv = group_scales(w[a:a + rows, cols], bits)
-            scale_codes[seg].append(sc)
-            scale_max[seg].append(smax)
-            scales[cols] = sv
-            zero[cols] = 2 ** (bits - 1)
-            maxq[cols] = 2 ** bits - 1
+        if a in starts:
+            _set_scales(w, a, starts[a], offs, scales, zero, maxq, scale_codes, scale_max)
         err = torch.empty(b - a, total, dtype=torch.float32, device=device)
         for i in range(a, b):
             row = w[i]
@@ -244,11 +243,37 @@ def gptq_quantize_many(weights: list[torch.Tensor], prep: Prepared, layouts: lis
     out = []
     for seg, groups in enumerate(layouts):
         cols = slice(offs[seg], offs[seg + 1])
+        if not pack:
+            dense = deq[:, cols][invperm].t().float()
+            out.append(QuantizedLinear(None, dense, layout_bits(groups, in_f, dense.shape[0], biases[seg] is not None)))
+            continue
         tensors = pack_layer(qs[:, cols].to(torch.int32).cpu(), torch.stack(scale_codes[seg]).cpu(),
                              torch.stack(scale_max[seg]).cpu(), groups, perm_cpu, biases[seg])
         dense = deq[:, cols][invperm].t().contiguous().cpu()
         out.append(QuantizedLinear(tensors, dense, stored_bits(tensors)))
     return out
+
+
+def _set_scales(w: torch.Tensor, a: int, starting: list[tuple[int, int, int]], offs: list[int],
+                scales: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor,
+                scale_codes: list[list[torch.Tensor]], scale_max: list[list[torch.Tensor]]) -> None:
+    """Search the scales of every group starting at row `a` at once: one batched op per group length."""
+    device = w.device
+    for length in sorted({rows for _, _, rows in starting}):
+        same = [(seg, bits) for seg, bits, rows in starting if rows == length]
+        counts = [offs[seg + 1] - offs[seg] for seg, _ in same]
+        dims = torch.tensor(counts, device=device)
+        col_idx = torch.cat([torch.arange(offs[seg], offs[seg + 1], device=device) for seg, _ in same])
+        seg_id = torch.repeat_interleave(torch.arange(len(same), device=device), dims)
+        col_maxq = torch.repeat_interleave(torch.tensor([float(2 ** bits - 1) for _, bits in same],
+                                                        device=device), dims)
+        codes, smax, sv = group_scales_many(w[a:a + length].index_select(1, col_idx), col_maxq, seg_id, len(same))
+        scales[col_idx] = sv
+        maxq[col_idx] = col_maxq
+        zero[col_idx] = (col_maxq + 1) * 0.5
+        for k, ((seg, _), piece) in enumerate(zip(same, torch.split(codes, counts))):
+            scale_codes[seg].append(piece)
+            scale_max[seg].append(smax[k])
 
 
 def output_error(weight: torch.Tensor, quantized: torch.Tensor, h: torch.Tensor) -> float:

@@ -206,7 +206,7 @@ def measure_block(runner: BlockRunner, lw: LayerWeights, states: torch.Tensor, k
                 cancel()
             ws = [lw.linears[p] for p, _ in chunk]
             qs = gptq_quantize_many(ws, prep, [s.layout(w.shape[1]) for (_, s), w in zip(chunk, ws)],
-                                    [lw.biases[p] for p, _ in chunk])
+                                    [lw.biases[p] for p, _ in chunk], pack=False)
             for pair, q in zip(chunk, qs):
                 quantized[pair] = (q.weight.to(device=runner.device, dtype=torch.float32), q.bits)
     results = []
