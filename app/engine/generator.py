@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
+from . import speculative
 from .cache import KVCache
 from .errors import GenerationError, OutOfMemoryError
 from .model import Transformer
@@ -58,6 +59,7 @@ class Generator:
         self._cached_ids: list[int] = []
         self._cancel = threading.Event()
         self._lock = threading.Lock()
+        self.draft: speculative.DraftModel | None = None  # speculative decoding's draft model, if any
 
     # --- control -------------------------------------------------------------------------------
 
@@ -144,9 +146,11 @@ class Generator:
         saved: dict[int, torch.Tensor] = {}  # logits by completion index, while the guard holds text
         bans: dict[int, set[int]] = {}  # completion index -> ids banned there by rollbacks
         rollbacks = 0
+        spec = speculative.start(self, settings, samplers, n_prompt, state)
 
         def chunk(text: str, new: list[int], finish: str | None) -> Chunk:
-            return Chunk(text, new, n_prompt, len(generated), t_prefill, time.perf_counter() - t1, finish)
+            return Chunk(text, new, n_prompt, len(generated), t_prefill, time.perf_counter() - t1, finish,
+                         *speculative.counts(spec))
 
         if logits is None:
             yield chunk("", [], "cancelled")
@@ -164,7 +168,7 @@ class Generator:
             state.banned_now = frozenset(bans.get(index, ()))
             if guard.banned:
                 saved[index] = logits
-            token = sample(logits, samplers, ctx, gen)
+            token = spec.pick(logits, samplers, ctx, gen) if spec else sample(logits, samplers, ctx, gen)
             if token in eos:
                 reason = "stop"
                 break
@@ -179,6 +183,8 @@ class Generator:
                         hint="Remove some banned strings or loosen the filters.")
                 logits, decoder = self._rewind_completion(n_prompt, generated, back, bans, saved)
                 history = torch.tensor(ids[:n_prompt] + generated, dtype=torch.int64)
+                if spec:
+                    spec.reset()
                 continue
             keep_held_logits(saved, guard.held_from)
             text, stopped = stops.feed(text)
@@ -188,6 +194,9 @@ class Generator:
             if text:
                 yield chunk(text, [token], None)
             if len(generated) >= max_new or self._cancel.is_set():
+                continue
+            if spec:  # drafted tokens verified in one pass (app/engine/speculative.py)
+                logits = spec.advance(history, max_new - len(generated))
                 continue
             pos = len(self._cached_ids)
             try:

@@ -4,6 +4,7 @@ engine for the CLI, the GUI and the server.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 from collections.abc import Iterator
@@ -28,11 +29,25 @@ class Engine:
 
     @classmethod
     def load(cls, path: str, device: str | None = "auto", *, max_seq_len: int | None = None,
-             cache_mode: str = "fp16", backend: str | None = None, progress: Progress | None = None) -> Engine:
+             cache_mode: str = "fp16", backend: str | None = None, progress: Progress | None = None,
+             draft: str | None = None) -> Engine:
         tokenizer = Tokenizer.from_folder(path)
         template = ChatTemplate.from_folder(path, tokenizer)
         model = load_model(path, device, backend=backend, progress=progress)
-        return cls(model, tokenizer, template, Generator(model, tokenizer, max_seq_len, cache_mode))
+        engine = cls(model, tokenizer, template, Generator(model, tokenizer, max_seq_len, cache_mode))
+        if draft:
+            engine.set_draft(draft, backend=backend)
+        return engine
+
+    def set_draft(self, path: str | None, *, backend: str | None = None, progress: Progress | None = None) -> None:
+        """Attach a draft model for speculative decoding (None detaches it). It must share the
+        tokenizer; requests then use it unless their settings say speculative="ngram" or "off"."""
+        from .speculative import load_draft
+
+        self.generator.draft = None
+        gc.collect()
+        if path:
+            self.generator.draft = load_draft(path, self.generator, backend=backend, progress=progress)
 
     @property
     def info(self) -> ModelInfo:
@@ -48,6 +63,7 @@ class Engine:
             backend=self.model.backend.name,
             device=str(self.model.device),
             max_seq_len=self.generator.max_seq_len,
+            draft_model=self.generator.draft.path if self.generator.draft is not None else None,
         )
 
     # --- chat ----------------------------------------------------------------------------------
@@ -63,8 +79,8 @@ class Engine:
         extra = [s for s in self.template.stop_strings() if s not in settings.stop_strings]
         if not extra:
             return settings
-        return GenerationSettings(settings.max_new_tokens, dict(settings.samplers), settings.seed,
-                                  list(settings.stop_strings) + extra, settings.stop_on_eos)
+        return dataclasses.replace(settings, samplers=dict(settings.samplers),
+                                   stop_strings=list(settings.stop_strings) + extra)
 
     def stream_chat(self, messages: list[dict], settings: GenerationSettings | None = None) -> Iterator[Chunk]:
         settings = self._with_template_stops(settings or GenerationSettings())
@@ -81,6 +97,7 @@ class Engine:
         """Drop every reference to weights and cache so memory returns to the system."""
         self.generator.cancel()
         self.generator._cache = None
+        self.generator.draft = None
         self.model = None  # type: ignore[assignment]
         self.generator.model = None  # type: ignore[assignment]
         gc.collect()

@@ -15,6 +15,10 @@ class GenerationSettings:
     seed: int | None = None
     stop_strings: list[str] = field(default_factory=list)
     stop_on_eos: bool = True
+    # Speculative decoding (app/engine/speculative.py): None = with the attached draft model if any,
+    # "draft", "ngram" (prompt lookup, no second model) or "off"; draft_tokens proposed per step.
+    speculative: str | None = None
+    draft_tokens: int = 4
 
 
 @dataclass
@@ -28,6 +32,12 @@ class Chunk:
     prefill_seconds: float
     decode_seconds: float
     finish_reason: str | None = None  # None while streaming; then "stop" | "length" | "cancelled"
+    draft_proposed: int = 0  # speculative decoding: drafted tokens checked by the model so far
+    draft_accepted: int = 0  # ... and how many of them it accepted
+
+    @property
+    def draft_acceptance(self) -> float:
+        return self.draft_accepted / self.draft_proposed if self.draft_proposed else 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -49,3 +59,4 @@ class ModelInfo:
     backend: str
     device: str
     max_seq_len: int
+    draft_model: str | None = None  # folder of the attached speculative draft model
