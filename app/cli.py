@@ -44,6 +44,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=None, choices=["auto", "torch", "cuda"])
 
 
+def _speculative_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--draft", default=None, metavar="DIR",
+                   help="draft model for speculative decoding (same tokenizer, smaller); turns it on")
+    p.add_argument("--speculative", default=None, choices=["draft", "ngram", "off"],
+                   help="speculative decoding: with --draft's model, n-gram prompt lookup, or off")
+    p.add_argument("--draft-tokens", type=int, default=None, metavar="N", help="tokens drafted per step (4)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kestrel", description="Kestrel: chat with EXL2 language models.")
     ap.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
@@ -52,11 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="chat in the terminal")
     _model_args(p)
     _sampler_args(p)
+    _speculative_args(p)
     p.add_argument("--system", default=None, help="system prompt")
 
     p = sub.add_parser("generate", help="complete one prompt")
     _model_args(p)
     _sampler_args(p)
+    _speculative_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None)
@@ -69,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP API (docs at /docs)")
     _model_args(p)
+    _speculative_args(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; anything but loopback needs --api-key")
     p.add_argument("--port", type=int, default=5000)
@@ -102,12 +113,19 @@ def _settings(args: argparse.Namespace) -> Any:
 def _load(args: argparse.Namespace) -> Any:
     from app.engine.session import Engine
 
-    return Engine.load(args.model, args.device, max_seq_len=args.max_seq_len, backend=args.backend)
+    return Engine.load(args.model, args.device, max_seq_len=args.max_seq_len, backend=args.backend,
+                       **_speculative_options(args))
+
+
+def _speculative_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k, None) for k in ("draft", "speculative", "draft_tokens")}
 
 
 def _stats(chunk: Any) -> str:
+    spec = (f", {chunk.draft_accepted}/{chunk.draft_proposed} drafted tokens accepted"
+            if chunk.draft_proposed else "")
     return (f"[{chunk.prompt_tokens} prompt tokens at {chunk.prefill_tokens_per_second:.1f} tok/s, "
-            f"{chunk.generated_tokens} new at {chunk.tokens_per_second:.1f} tok/s, {chunk.finish_reason}]")
+            f"{chunk.generated_tokens} new at {chunk.tokens_per_second:.1f} tok/s{spec}, {chunk.finish_reason}]")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -212,7 +230,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, api_key=args.api_key, model_dir=args.model,
         models_root=args.models_dir or os.path.dirname(os.path.abspath(args.model)),
         device=args.device, max_seq_len=args.max_seq_len, backend=args.backend,
-        max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_tokens_limit=args.max_tokens_limit)
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_tokens_limit=args.max_tokens_limit,
+        **_speculative_options(args))
     from app.server.app import run_server
 
     run_server(config)

@@ -59,7 +59,7 @@ class Generator:
         self._cached_ids: list[int] = []
         self._cancel = threading.Event()
         self._lock = threading.Lock()
-        self.draft: speculative.DraftModel | None = None  # speculative decoding's draft model, if any
+        self.speculation = speculative.Options()  # draft model and default mode for speculative decoding
 
     # --- control -------------------------------------------------------------------------------
 

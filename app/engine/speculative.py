@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MODES = ("draft", "ngram", "off")
+DEFAULT_DRAFT_TOKENS = 4
 MAX_DRAFT_TOKENS = 64
 NGRAM_MAX = 4  # longest suffix looked up in the history
 NGRAM_MIN = 2  # shortest; single-token matches propose too much noise
@@ -174,6 +175,24 @@ def load_draft(path: str, target: Generator, *, backend: str | None = None,
     return DraftModel(Generator(model, tokenizer, target.max_seq_len, target.cache_mode))
 
 
+@dataclass
+class Options:
+    """Engine-wide speculative decoding: the draft model, and the mode and draft length requests get
+    when their GenerationSettings leave them None (mode None: "draft" when a draft is loaded)."""
+
+    draft: DraftModel | None = None
+    mode: str | None = None
+    draft_tokens: int = DEFAULT_DRAFT_TOKENS
+
+
+def check(mode: str | None, draft_tokens: int | None) -> None:
+    if mode is not None and mode not in MODES:
+        raise GenerationError(f"unknown speculative mode {mode!r}", hint=f"Use one of {', '.join(MODES)}.")
+    if draft_tokens is not None and not 1 <= int(draft_tokens) <= MAX_DRAFT_TOKENS:
+        raise GenerationError(f"draft_tokens = {draft_tokens} is out of range",
+                              hint=f"Use 1 to {MAX_DRAFT_TOKENS}.")
+
+
 # --- one request -----------------------------------------------------------------------------------
 
 class Speculation:
@@ -254,15 +273,13 @@ class Speculation:
 def start(target: Generator, settings: GenerationSettings, samplers: dict, n_prompt: int,
           state: SamplerState) -> Speculation | None:
     """This request's Speculation, or None for plain decoding."""
-    draft: DraftModel | None = getattr(target, "draft", None)
-    mode = settings.speculative or ("draft" if draft is not None else "off")
-    if mode not in MODES:
-        raise GenerationError(f"unknown speculative mode {mode!r}", hint=f"Use one of {', '.join(MODES)}.")
+    opts: Options = target.speculation
+    draft = opts.draft
+    mode = settings.speculative or opts.mode or ("draft" if draft is not None else "off")
+    check(mode, settings.draft_tokens)
     if mode == "off":
         return None
-    k = int(settings.draft_tokens)
-    if not 1 <= k <= MAX_DRAFT_TOKENS:
-        raise GenerationError(f"draft_tokens = {k} is out of range", hint=f"Use 1 to {MAX_DRAFT_TOKENS}.")
+    k = int(settings.draft_tokens or opts.draft_tokens)
     if mode == "draft" and draft is None:
         raise GenerationError("speculative decoding with a draft model was asked, but none is loaded",
                               hint="Load one with --draft DIR (or Engine.set_draft), or use 'ngram'.")

@@ -15,10 +15,10 @@ class GenerationSettings:
     seed: int | None = None
     stop_strings: list[str] = field(default_factory=list)
     stop_on_eos: bool = True
-    # Speculative decoding (app/engine/speculative.py): None = with the attached draft model if any,
-    # "draft", "ngram" (prompt lookup, no second model) or "off"; draft_tokens proposed per step.
+    # Speculative decoding (app/engine/speculative.py): "draft", "ngram" (prompt lookup, no second
+    # model) or "off"; draft_tokens proposed per step. None = the engine's default (Engine.load options).
     speculative: str | None = None
-    draft_tokens: int = 4
+    draft_tokens: int | None = None
 
 
 @dataclass

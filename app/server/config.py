@@ -42,6 +42,9 @@ class ServerConfig:
     backend: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT
+    draft: str | None = None  # speculative decoding for the start-up model (cli --draft / --speculative)
+    speculative: str | None = None
+    draft_tokens: int | None = None
 
 
 def is_loopback(host: str) -> bool:
