@@ -51,6 +51,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="apply a PEFT LoRA adapter folder at SCALE (default 1), repeatable")
 
 
+def _speculative_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--draft", default=None, metavar="DIR",
+                   help="draft model for speculative decoding (same tokenizer, smaller); turns it on")
+    p.add_argument("--speculative", default=None, choices=["draft", "ngram", "off"],
+                   help="speculative decoding: with --draft's model, n-gram prompt lookup, or off")
+    p.add_argument("--draft-tokens", type=int, default=None, metavar="N", help="tokens drafted per step (4)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kestrel", description="Kestrel: chat with EXL2 language models.")
     ap.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
@@ -59,11 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="chat in the terminal")
     _model_args(p)
     _sampler_args(p)
+    _speculative_args(p)
     p.add_argument("--system", default=None, help="system prompt")
 
     p = sub.add_parser("generate", help="complete one prompt")
     _model_args(p)
     _sampler_args(p)
+    _speculative_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None)
@@ -76,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP API (docs at /docs)")
     _model_args(p)
+    _speculative_args(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; anything but loopback needs --api-key")
     p.add_argument("--port", type=int, default=5000)
@@ -145,7 +156,12 @@ def parse_lora(spec: str) -> tuple[str, float]:
 def _load(args: argparse.Namespace) -> Any:
     from app.engine.session import Engine
 
-    return Engine.load(args.model, args.device, max_seq_len=args.max_seq_len, backend=args.backend)
+    return Engine.load(args.model, args.device, max_seq_len=args.max_seq_len, backend=args.backend,
+                       **_speculative_options(args))
+
+
+def _speculative_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k, None) for k in ("draft", "speculative", "draft_tokens")}
 
 
 def _with_loras(engine: Any, args: argparse.Namespace, settings: Any) -> Any:
@@ -157,8 +173,10 @@ def _with_loras(engine: Any, args: argparse.Namespace, settings: Any) -> Any:
 
 
 def _stats(chunk: Any) -> str:
+    spec = (f", {chunk.draft_accepted}/{chunk.draft_proposed} drafted tokens accepted"
+            if chunk.draft_proposed else "")
     return (f"[{chunk.prompt_tokens} prompt tokens at {chunk.prefill_tokens_per_second:.1f} tok/s, "
-            f"{chunk.generated_tokens} new at {chunk.tokens_per_second:.1f} tok/s, {chunk.finish_reason}]")
+            f"{chunk.generated_tokens} new at {chunk.tokens_per_second:.1f} tok/s{spec}, {chunk.finish_reason}]")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -268,7 +286,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         device=args.device, max_seq_len=args.max_seq_len, backend=args.backend,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_tokens_limit=args.max_tokens_limit,
         loras=tuple(parse_lora(spec) for spec in args.lora),
-        cache_tokens=args.cache_tokens)
+        cache_tokens=args.cache_tokens,
+        **_speculative_options(args))
     from app.server.app import run_server
 
     run_server(config)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
+from . import speculative
 from .cache import KVCache
 from .constrained import Constraint
 from .errors import GenerationError, OutOfMemoryError
@@ -70,6 +71,7 @@ class Generator:
         self._graph_lora: tuple = ()
         self.loras = LoraRegistry(model)
         self._lora_key: tuple = ()  # the adapter set the cached prefix was computed under
+        self.speculation = speculative.Options()  # draft model and default mode for speculative decoding
 
     # --- control -------------------------------------------------------------------------------
 
@@ -172,13 +174,16 @@ class Generator:
         bans: dict[int, set[int]] = {}  # completion index -> ids banned there by rollbacks
         rollbacks = 0
         logprobs: list[tuple[int, TokenLogprob]] = []  # (completion index, TokenLogprob) not yet in a chunk
+        # speculation proposes tokens the grammar has not seen: constrained requests decode plainly
+        spec = speculative.start(self, settings, samplers, n_prompt, state) if constraint is None else None
 
         def chunk(text: str, new: list[int], finish: str | None) -> Chunk:
             lps = None
             if settings.logprobs is not None:
                 lps = [entry for _, entry in logprobs]
                 logprobs.clear()
-            return Chunk(text, new, n_prompt, len(generated), t_prefill, time.perf_counter() - t1, finish, lps)
+            return Chunk(text, new, n_prompt, len(generated), t_prefill, time.perf_counter() - t1, finish, lps,
+                         *speculative.counts(spec))
 
         if logits is None:
             yield chunk("", [], "cancelled")
@@ -196,7 +201,8 @@ class Generator:
             state.banned_now = frozenset(bans.get(index, ()))
             if guard.banned:
                 saved[index] = logits
-            token = sample(constraint.apply(logits) if constraint else logits, samplers, ctx, gen)
+            token = (spec.pick(logits, samplers, ctx, gen) if spec
+                     else sample(constraint.apply(logits) if constraint else logits, samplers, ctx, gen))
             if token in eos:
                 reason = "stop"
                 break
@@ -218,6 +224,8 @@ class Generator:
                 logprobs[:] = [(i, e) for i, e in logprobs if i < back]
                 logits, decoder = self._rewind_completion(n_prompt, generated, back, bans, saved)
                 history = torch.tensor(ids[:n_prompt] + generated, dtype=torch.int64)
+                if spec:
+                    spec.reset()
                 continue
             keep_held_logits(saved, guard.held_from)
             text, stopped = stops.feed(text)
@@ -230,6 +238,9 @@ class Generator:
                 reason = "stop"  # the grammar is complete: nothing but EOS may follow
                 break
             if len(generated) >= max_new or self._cancel.is_set():
+                continue
+            if spec:  # drafted tokens verified in one pass (app/engine/speculative.py)
+                logits = spec.advance(history, max_new - len(generated))
                 continue
             pos = len(self._cached_ids)
             try:

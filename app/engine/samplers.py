@@ -695,6 +695,27 @@ def sample(logits: torch.Tensor, settings: Mapping[str, Any], ctx: SamplerContex
     return int(torch.multinomial(on_generator_device(probs, generator), 1, generator=generator))
 
 
+
+def probabilities(logits: torch.Tensor, settings: Mapping[str, Any], ctx: SamplerContext,
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """The distribution sample() draws from, as a probability vector (float32, on the logits' device).
+
+    Speculative decoding needs p itself to accept or reject a drafted token. Greedy gives a one-hot
+    vector at sample()'s argmax. Mirostat's draw depends on state it updates, so it has no p here."""
+    import torch
+
+    ctx.generator = generator
+    if is_greedy(settings):
+        top = int(torch.argmax(process_logits(logits, settings, ctx, GREEDY_STAGES)))
+        p = torch.zeros(logits.numel(), device=logits.device)
+        p[top] = 1.0
+        return p
+    x = process_logits(logits, settings, ctx)
+    if not bool(torch.isfinite(x).any()):
+        raise GenerationError("the samplers removed every token",
+                              hint="Loosen the filters or remove some banned tokens/strings.")
+    return torch.softmax(x, dim=-1)
+
 # --- banned strings: text side of the rollback (the generator rewinds the cache) -------------------
 
 class BannedStringGuard:

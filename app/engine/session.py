@@ -13,6 +13,7 @@ import torch
 
 from .batching import BatchJob, Scheduler
 from .chat_template import ChatTemplate
+from .errors import GenerationError
 from .generator import Generator
 from .loader import Progress, load_model
 from .lora import LoraInfo
@@ -33,11 +34,40 @@ class Engine:
 
     @classmethod
     def load(cls, path: str, device: str | None = "auto", *, max_seq_len: int | None = None,
-             cache_mode: str = "fp16", backend: str | None = None, progress: Progress | None = None) -> Engine:
+             cache_mode: str = "fp16", backend: str | None = None, progress: Progress | None = None,
+             draft: str | None = None, speculative: str | None = None,
+             draft_tokens: int | None = None) -> Engine:
+        if speculative == "draft" and not draft:
+            raise GenerationError("speculative decoding with a draft model needs a draft model folder",
+                                  hint="Give one with --draft DIR, or use --speculative ngram.")
         tokenizer = Tokenizer.from_folder(path)
         template = ChatTemplate.from_folder(path, tokenizer)
         model = load_model(path, device, backend=backend, progress=progress)
-        return cls(model, tokenizer, template, Generator(model, tokenizer, max_seq_len, cache_mode))
+        engine = cls(model, tokenizer, template, Generator(model, tokenizer, max_seq_len, cache_mode))
+        engine.set_speculative(speculative, draft_tokens)
+        if draft:
+            engine.set_draft(draft, backend=backend)
+        return engine
+
+    def set_speculative(self, mode: str | None, draft_tokens: int | None = None) -> None:
+        """Default speculative decoding for requests that do not choose: "draft", "ngram", "off", or
+        None (the draft model when one is attached)."""
+        from .speculative import DEFAULT_DRAFT_TOKENS, check
+
+        check(mode, draft_tokens)
+        self.generator.speculation.mode = mode
+        self.generator.speculation.draft_tokens = int(draft_tokens or DEFAULT_DRAFT_TOKENS)
+
+    def set_draft(self, path: str | None, *, backend: str | None = None, progress: Progress | None = None) -> None:
+        """Attach a draft model for speculative decoding (None detaches it). It must share the
+        tokenizer; requests then use it unless their settings say speculative="ngram" or "off"."""
+        from .speculative import load_draft
+
+        self.generator.speculation.draft = None
+        gc.collect()
+        if path:
+            self.generator.speculation.draft = load_draft(path, self.generator, backend=backend,
+                                                          progress=progress)
 
     @property
     def info(self) -> ModelInfo:
@@ -53,6 +83,7 @@ class Engine:
             backend=self.model.backend.name,
             device=str(self.model.device),
             max_seq_len=self.generator.max_seq_len,
+            draft_model=d.path if (d := self.generator.speculation.draft) is not None else None,
         )
 
     # --- chat ----------------------------------------------------------------------------------
@@ -132,6 +163,7 @@ class Engine:
             self._scheduler = None
         self.generator.loras.clear()
         self.generator._cache = None
+        self.generator.speculation.draft = None
         self.model = None  # type: ignore[assignment]
         self.generator.model = None  # type: ignore[assignment]
         gc.collect()

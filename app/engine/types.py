@@ -31,6 +31,10 @@ class TokenLogprob:
     token: str
     logprob: float
     top: list[tuple[int, str, float]] = field(default_factory=list)  # (id, text, logprob), best first
+    # Speculative decoding (app/engine/speculative.py): "draft", "ngram" (prompt lookup, no second
+    # model) or "off"; draft_tokens proposed per step. None = the engine's default (Engine.load options).
+    speculative: str | None = None
+    draft_tokens: int | None = None
 
 
 @dataclass
@@ -45,6 +49,12 @@ class Chunk:
     decode_seconds: float
     finish_reason: str | None = None  # None while streaming; then "stop" | "length" | "cancelled"
     logprobs: list[TokenLogprob] | None = None  # only when GenerationSettings.logprobs is set
+    draft_proposed: int = 0  # speculative decoding: drafted tokens checked by the model so far
+    draft_accepted: int = 0  # ... and how many of them it accepted
+
+    @property
+    def draft_acceptance(self) -> float:
+        return self.draft_accepted / self.draft_proposed if self.draft_proposed else 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -66,3 +76,4 @@ class ModelInfo:
     backend: str
     device: str
     max_seq_len: int
+    draft_model: str | None = None  # folder of the attached speculative draft model

@@ -45,6 +45,9 @@ class ServerConfig:
     loras: tuple[tuple[str, float], ...] = ()  # (adapter folder, default scale) loaded at start-up
     loras_root: str | None = None  # /v1/lora/load only loads folders inside this one (default: models_root)
     cache_tokens: int | None = None  # paged KV cache shared by concurrent requests (None: 4 contexts)
+    draft: str | None = None  # speculative decoding for the start-up model (cli --draft / --speculative)
+    speculative: str | None = None
+    draft_tokens: int | None = None
 
 
 def is_loopback(host: str) -> bool:

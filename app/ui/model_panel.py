@@ -9,12 +9,14 @@ from typing import Any
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QFileDialog,
     QFrame,
     QGridLayout,
     QHBoxLayout,
     QLabel,
+    QLineEdit,
     QProgressBar,
     QPushButton,
     QSpinBox,
@@ -47,7 +49,8 @@ def describe_model(info: Any) -> list[tuple[str, str]]:
             ("Parameters", human_count(info.parameters)),
             ("Weights", quant),
             ("Backend", f"{info.backend} on {info.device}"),
-            ("Context", f"{info.max_seq_len:,} tokens")]
+            ("Context", f"{info.max_seq_len:,} tokens")] + (
+        [("Draft", Path(info.draft_model).name)] if getattr(info, "draft_model", None) else [])
 
 
 class RecentModels:
@@ -140,11 +143,19 @@ class ModelPanel(QWidget):
         self.context_spin.setSpecialValueText("Auto")
         self.context_spin.setAlignment(Qt.AlignmentFlag.AlignRight)
         self.context_spin.setToolTip("Tokens of context to allocate (Auto: the model's limit, capped to fit).")
-        for row, (text, widget) in enumerate((("Device", self.device_combo), ("Context size", self.context_spin))):
+        self.draft_edit, self.ngram_check = self._speculative_fields(folder_icon)
+        draft_row = QHBoxLayout()
+        draft_row.addWidget(self.draft_edit, 1)
+        draft_row.addWidget(self.draft_button)
+        for row, (text, widget) in enumerate((("Device", self.device_combo), ("Context size", self.context_spin),
+                                               ("Draft model", draft_row), ("", self.ngram_check))):
             label = QLabel(text)
             label.setObjectName("FieldLabel")
             options.addWidget(label, row, 0)
-            options.addWidget(widget, row, 1)
+            if isinstance(widget, QHBoxLayout):
+                options.addLayout(widget, row, 1)
+            else:
+                options.addWidget(widget, row, 1)
         options.setColumnStretch(1, 1)
         layout.addLayout(options)
 
@@ -159,12 +170,37 @@ class ModelPanel(QWidget):
         buttons.addWidget(self.unload_button)
         layout.addLayout(buttons)
 
+    def _speculative_fields(self, folder_icon: Any) -> tuple[QLineEdit, QCheckBox]:
+        """Speculative decoding at load: an optional draft model, or n-gram lookup (no second model)."""
+        edit = QLineEdit()
+        edit.setPlaceholderText("None (optional)")
+        edit.setToolTip("A smaller model with the same tokenizer drafts tokens that this model checks "
+                        "in one pass: faster replies, same output.")
+        self.draft_button = QToolButton()
+        self.draft_button.setObjectName("HeaderButton")
+        self.draft_button.setToolTip("Browse for a draft model folder")
+        if folder_icon is not None:
+            self.draft_button.setIcon(folder_icon)
+        self.draft_button.clicked.connect(self._browse_draft)
+        check = QCheckBox("N-gram drafting (no draft model)")
+        check.setToolTip("Drafts tokens by looking up the last few tokens earlier in the conversation; "
+                         "helps most when the reply repeats text (editing code or documents).")
+        check.toggled.connect(lambda on: (edit.setEnabled(not on), self.draft_button.setEnabled(not on)))
+        return edit, check
+
+    def _browse_draft(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Choose a draft model folder", self.draft_edit.text())
+        if folder:
+            self.draft_edit.setText(folder)
+
     # --- requests -----------------------------------------------------------------------------
 
     def request(self) -> LoadRequest:
         context = self.context_spin.value()
+        ngram = self.ngram_check.isChecked()
         return LoadRequest(self.path_combo.currentText().strip(), self.device_combo.currentText(),
-                           context or None)
+                           context or None, draft=None if ngram else self.draft_edit.text().strip() or None,
+                           speculative="ngram" if ngram else None)
 
     def set_path(self, folder: str) -> None:
         self.path_combo.setCurrentText(folder)

@@ -88,6 +88,8 @@ class LoadRequest:
     path: str
     device: str = "auto"
     max_seq_len: int | None = None
+    draft: str | None = None  # speculative decoding: draft model folder
+    speculative: str | None = None  # "ngram" for prompt lookup (no draft model); None: the draft if any
 
 
 class EngineWorker(QObject):
@@ -136,7 +138,8 @@ class EngineWorker(QObject):
             from app.engine.session import Engine  # torch is imported here, on this thread
 
             self.engine = Engine.load(request.path, request.device, max_seq_len=request.max_seq_len,
-                                      progress=lambda f, m: self.progress.emit(float(f), str(m)))
+                                      progress=lambda f, m: self.progress.emit(float(f), str(m)),
+                                      draft=request.draft, speculative=request.speculative)
         except Exception as e:  # noqa: BLE001 - every failure becomes a dialog; the app goes on
             self.engine = None
             self.load_failed.emit(describe_error(e, "load the model"))
