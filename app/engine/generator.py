@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
 from .cache import KVCache
+from .cache_slots import DEFAULT_CACHE_SLOTS, CacheSlot, choose_slot, common_prefix
 from .errors import GenerationError, OutOfMemoryError
 from .model import Transformer
 from .samplers import BannedStringGuard, SamplerContext, SamplerState, sample, validate_settings
@@ -37,14 +38,6 @@ def keep_held_logits(saved: dict[int, torch.Tensor], held_from: int | None) -> N
         del saved[index]
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 class Generator:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int | None = None,
                  cache_mode: str = "fp16", prefill_chunk: int = DEFAULT_CHUNK) -> None:
@@ -54,8 +47,14 @@ class Generator:
         self.max_seq_len = int(max_seq_len or min(model.config.max_position_embeddings, default))
         self.cache_mode = cache_mode
         self.prefill_chunk = prefill_chunk
-        self._cache: KVCache | None = None
+        self._cache: KVCache | None = None  # the active slot's cache and ids (see cache_slots.py)
         self._cached_ids: list[int] = []
+        self.cache_slots = DEFAULT_CACHE_SLOTS
+        self._slots: list[CacheSlot] = []
+        self._active: CacheSlot | None = None
+        self._requests = 0
+        self.last_prefill_tokens = 0  # tokens the last request computed (the rest came from the cache)
+        self.on_prefill_chunk: Callable[[int, int], None] | None = None  # (tokens done, total) per chunk
         self._cancel = threading.Event()
         self._lock = threading.Lock()
 
@@ -77,20 +76,67 @@ class Generator:
         return self._cache
 
     def reset_cache(self) -> None:
+        """Forget every cached prefix (all slots); memory stays allocated."""
         self._cached_ids = []
         if self._cache is not None:
             self._cache.reset()
+        for slot in self._slots:
+            slot.ids = []
+            if slot.cache is not None:
+                slot.cache.reset()
+
+    def set_cache_slots(self, n: int) -> None:
+        """Keep up to n conversations' caches resident (n >= 1); extra slots are freed."""
+        if int(n) < 1:
+            raise GenerationError(f"cache slots must be at least 1, not {n}")
+        self.cache_slots = int(n)
+        self._sync_active()
+        self._slots.sort(key=lambda s: -s.used)
+        del self._slots[self.cache_slots:]
+        if self._active is not None and self._active not in self._slots:
+            self._active, self._cache, self._cached_ids = None, None, []
+
+    def release_caches(self) -> None:
+        """Drop every slot's memory (unload)."""
+        self._slots, self._active, self._cache, self._cached_ids = [], None, None, []
+
+    def _sync_active(self) -> None:
+        if self._active is not None:
+            self._active.cache, self._active.ids = self._cache, self._cached_ids
+
+    def _select_slot(self, ids: list[int]) -> None:
+        """Make the slot best suited to `ids` the active one (cache_slots.choose_slot)."""
+        self._sync_active()
+        if self._active is None and self._cache is not None and not self._slots:
+            self._slots.append(CacheSlot(self._cache, self._cached_ids))  # a cache made before any request
+        index, _ = choose_slot(self._slots, ids, self.cache_slots)
+        if index is None and self._slots:
+            try:
+                self._slots.append(CacheSlot(self.model.allocate_cache(self.max_seq_len, mode=self.cache_mode)))
+                index = len(self._slots) - 1
+            except torch.cuda.OutOfMemoryError:  # no room for another conversation: reuse the oldest
+                self.cache_slots = len(self._slots)
+                index, _ = choose_slot(self._slots, ids, self.cache_slots)
+        if index is None:
+            self._slots.append(CacheSlot())
+            index = len(self._slots) - 1
+        slot = self._slots[index]
+        self._requests += 1
+        slot.used = self._requests
+        self._active, self._cache, self._cached_ids = slot, slot.cache, slot.ids
 
     # --- core ----------------------------------------------------------------------------------
 
     def _prefill(self, ids: list[int]) -> torch.Tensor:
         """Bring the cache to hold `ids`, reusing the cached prefix; return last-position logits."""
+        self._select_slot(ids)
         cache = self.cache
         keep = common_prefix(self._cached_ids, ids)
         if keep == len(ids):
             keep -= 1  # recompute the last token to get its logits
         cache.truncate(keep)
         self._cached_ids = self._cached_ids[:keep]
+        self.last_prefill_tokens = 0
         logits = None
         pos = keep
         while pos < len(ids):
@@ -100,7 +146,10 @@ class Generator:
             chunk = torch.tensor([ids[pos:end]], device=self.model.device)
             logits = self.model.forward(chunk, cache, pos, last_only=True)
             self._cached_ids.extend(ids[pos:end])
+            self.last_prefill_tokens += end - pos
             pos = end
+            if self.on_prefill_chunk is not None:
+                self.on_prefill_chunk(pos, len(ids))
         assert logits is not None
         return logits[0, -1]
 

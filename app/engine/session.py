@@ -4,6 +4,8 @@ engine for the CLI, the GUI and the server.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import gc
 import os
 from collections.abc import Iterator
@@ -14,8 +16,24 @@ from .chat_template import ChatTemplate
 from .generator import Generator
 from .loader import Progress, load_model
 from .model import Transformer
+from .overflow import fit_messages
 from .tokenizer import Tokenizer
 from .types import Chunk, GenerationSettings, ModelInfo
+
+
+def check_rope_overrides(scale: float | None, alpha: float | None) -> None:
+    from .errors import GenerationError
+
+    for name, value in (("rope scale", scale), ("rope alpha", alpha)):
+        if value is not None and not (isinstance(value, (int, float)) and 0 < value <= 1024):
+            raise GenerationError(f"{name} must be a positive number up to 1024, not {value!r}",
+                                  hint="Leave it empty to use what the model's config.json asks for.")
+
+
+def _tag_dropped(stream: Iterator[Chunk], dropped: tuple[int, ...]) -> Iterator[Chunk]:
+    with contextlib.closing(stream):  # type: ignore[type-var]
+        for chunk in stream:
+            yield dataclasses.replace(chunk, dropped_messages=dropped)
 
 
 class Engine:
@@ -28,11 +46,21 @@ class Engine:
 
     @classmethod
     def load(cls, path: str, device: str | None = "auto", *, max_seq_len: int | None = None,
-             cache_mode: str = "fp16", backend: str | None = None, progress: Progress | None = None) -> Engine:
+             cache_mode: str = "fp16", backend: str | None = None, progress: Progress | None = None,
+             rope_scale: float | None = None, rope_alpha: float | None = None,
+             cache_slots: int | None = None) -> Engine:
+        """rope_scale / rope_alpha: user overrides on top of config.json's RoPE (see rope.py);
+        cache_slots: conversations whose KV caches stay resident (see Generator)."""
+        check_rope_overrides(rope_scale, rope_alpha)
         tokenizer = Tokenizer.from_folder(path)
         template = ChatTemplate.from_folder(path, tokenizer)
         model = load_model(path, device, backend=backend, progress=progress)
-        return cls(model, tokenizer, template, Generator(model, tokenizer, max_seq_len, cache_mode))
+        if rope_scale or rope_alpha:
+            model.set_rope_overrides(rope_scale, rope_alpha)
+        generator = Generator(model, tokenizer, max_seq_len, cache_mode)
+        if cache_slots is not None:
+            generator.set_cache_slots(cache_slots)
+        return cls(model, tokenizer, template, generator)
 
     @property
     def info(self) -> ModelInfo:
@@ -63,12 +91,25 @@ class Engine:
         extra = [s for s in self.template.stop_strings() if s not in settings.stop_strings]
         if not extra:
             return settings
-        return GenerationSettings(settings.max_new_tokens, dict(settings.samplers), settings.seed,
-                                  list(settings.stop_strings) + extra, settings.stop_on_eos)
+        return dataclasses.replace(settings, samplers=dict(settings.samplers),
+                                   stop_strings=list(settings.stop_strings) + extra)
 
-    def stream_chat(self, messages: list[dict], settings: GenerationSettings | None = None) -> Iterator[Chunk]:
+    def fit_chat(self, messages: list[dict], max_new_tokens: int, overflow: str = "stop") -> tuple[list[dict], list[int]]:
+        """(messages that fit the context, indices left out) under the overflow policy (overflow.py)."""
+        return fit_messages(messages, self.count_chat_tokens, self.generator.max_seq_len, max_new_tokens,
+                            overflow)
+
+    def stream_chat(self, messages: list[dict], settings: GenerationSettings | None = None,
+                    overflow: str | None = None) -> Iterator[Chunk]:
+        """Stream a reply. overflow ("stop" | "drop_oldest"; default settings.context_overflow) decides
+        what happens when the chat exceeds the context; every chunk's dropped_messages lists the
+        indices of `messages` that were left out (empty when all fit)."""
         settings = self._with_template_stops(settings or GenerationSettings())
-        return self.generator.stream(self.chat_prompt_ids(messages), settings)
+        kept, dropped = self.fit_chat(messages, settings.max_new_tokens, overflow or settings.context_overflow)
+        stream = self.generator.stream(self.chat_prompt_ids(kept), settings)
+        if not dropped:
+            return stream
+        return _tag_dropped(stream, tuple(dropped))
 
     def stream_text(self, prompt: str, settings: GenerationSettings | None = None) -> Iterator[Chunk]:
         ids = self.tokenizer.encode(prompt, add_bos=self.tokenizer.add_bos_token, special=True)
@@ -80,7 +121,7 @@ class Engine:
     def unload(self) -> None:
         """Drop every reference to weights and cache so memory returns to the system."""
         self.generator.cancel()
-        self.generator._cache = None
+        self.generator.release_caches()
         self.model = None  # type: ignore[assignment]
         self.generator.model = None  # type: ignore[assignment]
         gc.collect()

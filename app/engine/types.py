@@ -15,6 +15,7 @@ class GenerationSettings:
     seed: int | None = None
     stop_strings: list[str] = field(default_factory=list)
     stop_on_eos: bool = True
+    context_overflow: str = "stop"  # chats only: "stop" | "drop_oldest" (app/engine/overflow.py)
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Chunk:
     prefill_seconds: float
     decode_seconds: float
     finish_reason: str | None = None  # None while streaming; then "stop" | "length" | "cancelled"
+    dropped_messages: tuple[int, ...] = ()  # chats: indices of messages left out to fit the context
 
     @property
     def tokens_per_second(self) -> float:
