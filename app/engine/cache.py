@@ -9,6 +9,7 @@ estimate comes from `kv_bytes_per_token` below and from nothing else.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -51,13 +52,24 @@ class KVCache:
 
     @classmethod
     def allocate(cls, config: ModelConfig, max_seq_len: int, device: torch.device | str,
-                 dtype: torch.dtype = torch.float16, batch: int = 1, mode: str = "fp16") -> KVCache:
+                 dtype: torch.dtype = torch.float16, batch: int = 1, mode: str = "fp16",
+                 rope: Any = None) -> KVCache:
+        """FP16 gives this class; q8/q6/q4 give a QuantKVCache (app/engine/kv_quant.py), same contract.
+        rope: the model's (start, length) -> (cos, sin), which quantized caches use to centre keys."""
+        if mode not in CACHE_MODES:
+            raise GenerationError(f"unknown cache mode {mode!r}", hint=f"Use one of {', '.join(CACHE_MODES)}.")
         if mode != "fp16":
-            raise GenerationError(f"cache mode {mode!r} is not available yet", hint="Use the fp16 cache.")
+            from .kv_quant import QuantKVCache
+
+            return QuantKVCache(config.num_layers, config.num_kv_heads, config.head_dim,  # type: ignore[return-value]
+                                max_seq_len, CACHE_MODES[mode], mode, device, dtype, batch, rope=rope)
         shape = (batch, max_seq_len, config.num_kv_heads, config.head_dim)
         keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         return cls(keys, values, max_seq_len, 0, mode)
+
+    def storage_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
     def reset(self) -> None:
         self.length = 0

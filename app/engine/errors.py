@@ -39,6 +39,10 @@ class GenerationError(KestrelError):
     """A generation request is invalid (bad sampler value, prompt too long, ...)."""
 
 
+class ContextFullError(GenerationError):
+    """A chat does not fit the model's context under the chosen overflow policy (see overflow.py)."""
+
+
 class OutOfMemoryError(KestrelError):
     """The device ran out of memory while loading or generating."""
 

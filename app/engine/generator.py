@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
 from . import speculative
 from .cache import KVCache
+from .cache_slots import DEFAULT_CACHE_SLOTS, CacheSlot, choose_slot, common_prefix
 from .constrained import Constraint
 from .errors import GenerationError, OutOfMemoryError
 from .graphs import DecodeGraph, graphs_enabled
@@ -45,14 +46,6 @@ def keep_held_logits(saved: dict[int, torch.Tensor], held_from: int | None) -> N
         del saved[index]
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 class Generator:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int | None = None,
                  cache_mode: str = "fp16", prefill_chunk: int = DEFAULT_CHUNK) -> None:
@@ -62,8 +55,14 @@ class Generator:
         self.max_seq_len = int(max_seq_len or min(model.config.max_position_embeddings, default))
         self.cache_mode = cache_mode
         self.prefill_chunk = prefill_chunk
-        self._cache: KVCache | None = None
+        self._cache: KVCache | None = None  # the active slot's cache and ids (see cache_slots.py)
         self._cached_ids: list[int] = []
+        self.cache_slots = DEFAULT_CACHE_SLOTS
+        self._slots: list[CacheSlot] = []
+        self._active: CacheSlot | None = None
+        self._requests = 0
+        self.last_prefill_tokens = 0  # tokens the last request computed (the rest came from the cache)
+        self.on_prefill_chunk: Callable[[int, int], None] | None = None  # (tokens done, total) per chunk
         self._cancel = threading.Event()
         self._lock = threading.Lock()
         self._graph: DecodeGraph | None = None
@@ -98,20 +97,67 @@ class Generator:
             self._lora_key = key
 
     def reset_cache(self) -> None:
+        """Forget every cached prefix (all slots); memory stays allocated."""
         self._cached_ids = []
         if self._cache is not None:
             self._cache.reset()
+        for slot in self._slots:
+            slot.ids = []
+            if slot.cache is not None:
+                slot.cache.reset()
+
+    def set_cache_slots(self, n: int) -> None:
+        """Keep up to n conversations' caches resident (n >= 1); extra slots are freed."""
+        if int(n) < 1:
+            raise GenerationError(f"cache slots must be at least 1, not {n}")
+        self.cache_slots = int(n)
+        self._sync_active()
+        self._slots.sort(key=lambda s: -s.used)
+        del self._slots[self.cache_slots:]
+        if self._active is not None and self._active not in self._slots:
+            self._active, self._cache, self._cached_ids = None, None, []
+
+    def release_caches(self) -> None:
+        """Drop every slot's memory (unload)."""
+        self._slots, self._active, self._cache, self._cached_ids = [], None, None, []
+
+    def _sync_active(self) -> None:
+        if self._active is not None:
+            self._active.cache, self._active.ids = self._cache, self._cached_ids
+
+    def _select_slot(self, ids: list[int]) -> None:
+        """Make the slot best suited to `ids` the active one (cache_slots.choose_slot)."""
+        self._sync_active()
+        if self._active is None and self._cache is not None and not self._slots:
+            self._slots.append(CacheSlot(self._cache, self._cached_ids))  # a cache made before any request
+        index, _ = choose_slot(self._slots, ids, self.cache_slots)
+        if index is None and self._slots:
+            try:
+                self._slots.append(CacheSlot(self.model.allocate_cache(self.max_seq_len, mode=self.cache_mode)))
+                index = len(self._slots) - 1
+            except torch.cuda.OutOfMemoryError:  # no room for another conversation: reuse the oldest
+                self.cache_slots = len(self._slots)
+                index, _ = choose_slot(self._slots, ids, self.cache_slots)
+        if index is None:
+            self._slots.append(CacheSlot())
+            index = len(self._slots) - 1
+        slot = self._slots[index]
+        self._requests += 1
+        slot.used = self._requests
+        self._active, self._cache, self._cached_ids = slot, slot.cache, slot.ids
 
     # --- core ----------------------------------------------------------------------------------
 
     def _prefill(self, ids: list[int]) -> torch.Tensor:
         """Bring the cache to hold `ids`, reusing the cached prefix; return last-position logits."""
+        self._select_slot(ids)
         cache = self.cache
         keep = common_prefix(self._cached_ids, ids)
         if keep == len(ids):
             keep -= 1  # recompute the last token to get its logits
         cache.truncate(keep)
         self._cached_ids = self._cached_ids[:keep]
+        self.last_prefill_tokens = 0
         logits = None
         pos = keep
         while pos < len(ids):
@@ -121,7 +167,10 @@ class Generator:
             chunk = torch.tensor([ids[pos:end]], device=self.model.device)
             logits = self.model.forward(chunk, cache, pos, last_only=True)
             self._cached_ids.extend(ids[pos:end])
+            self.last_prefill_tokens += end - pos
             pos = end
+            if self.on_prefill_chunk is not None:
+                self.on_prefill_chunk(pos, len(ids))
         assert logits is not None
         return logits[0, -1]
 
@@ -258,7 +307,9 @@ class Generator:
         """Logits after feeding one token at `pos`: a CUDA-graph replay where possible."""
         cache = self.cache
         # a graph bakes in the cache tensors and the active adapters' matrices: recapture on change
-        if self._graph is None or self._graph.cache is not cache or self._graph_lora != self._lora_key:
+        g = self._graph
+        if (g is None or g.cache is not cache or self._graph_lora != self._lora_key
+                or g.tables[0] is not self.model._cos):
             self._graph = None
             self._graph_lora = self._lora_key
             if not self._graph_failed and graphs_enabled(self.model, cache):

@@ -36,7 +36,7 @@ class DecodeGraph:
         # Warm-up and capture write k/v at the last slot, which holds nothing valid until the cache
         # is full, and which the step at that position overwrites first anyway.
         self.pos = torch.full((1,), cache.max_seq_len - 1, dtype=torch.int32, device=dev)
-        model.prepare_decode(cache.max_seq_len)
+        self.tables = model.prepare_decode(cache.max_seq_len)  # held: the graph reads them by address
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):

@@ -18,7 +18,7 @@ from .backend import Linear, TorchBackend
 from .cache import KVCache
 from .config import ModelConfig
 from .errors import ModelFormatError
-from .rope import inv_freq_for, rope_tables
+from .rope import inv_freq_with_overrides, rope_tables
 
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -53,7 +53,10 @@ class Transformer:
         self.path = path
         self.device = backend.device
         self.dtype = backend.dtype
-        self._inv_freq, self._attn_factor = inv_freq_for(
+        self.rope_scale: float | None = None  # user overrides at load (see set_rope_overrides)
+        self.rope_alpha: float | None = None
+        self._rope_seq_len: int | None = None
+        self._inv_freq, self._attn_factor = inv_freq_with_overrides(
             config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings)
         self._cos = self._sin = None
         self._rope_len = 0
@@ -117,10 +120,20 @@ class Transformer:
         """Dynamic NTK scaling depends on the context size the cache is built for."""
         scaling = self.config.rope_scaling
         if scaling and scaling.get("rope_type") == "dynamic":
-            c = self.config
-            self._inv_freq, self._attn_factor = inv_freq_for(
-                c.head_dim, c.rope_theta, scaling, c.max_position_embeddings, seq_len)
-            self._rope_len = 0
+            self._rope_seq_len = seq_len
+            self._recompute_rope()
+
+    def set_rope_overrides(self, scale: float | None = None, alpha: float | None = None) -> None:
+        """User overrides at load: linear scale (positions / scale) and NTK alpha (base raised)."""
+        self.rope_scale, self.rope_alpha = scale, alpha
+        self._recompute_rope()
+
+    def _recompute_rope(self) -> None:
+        c = self.config
+        self._inv_freq, self._attn_factor = inv_freq_with_overrides(
+            c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings, self._rope_seq_len,
+            self.rope_scale, self.rope_alpha)
+        self._rope_len = 0
 
     def _linear(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:
         """Every linear of the model goes through here: the backend's kernel for the base weight
@@ -205,4 +218,4 @@ class Transformer:
 
     def allocate_cache(self, max_seq_len: int, batch: int = 1, mode: str = "fp16") -> KVCache:
         self.set_rope_length(max_seq_len)
-        return KVCache.allocate(self.config, max_seq_len, self.device, self.dtype, batch, mode)
+        return KVCache.allocate(self.config, max_seq_len, self.device, self.dtype, batch, mode, rope=self._rope)

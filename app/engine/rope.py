@@ -97,3 +97,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     c, s = cos[None, :, None, :], sin[None, :, None, :]
     return x * c + rotated * s
+
+
+def alpha_theta(theta: float, head_dim: int, alpha: float | None) -> float:
+    """NTK-aware alpha (exllamav2's scale_alpha_value): theta * alpha ** (d / (d - 2))."""
+    if not alpha or alpha == 1.0:
+        return theta
+    return theta * alpha ** (head_dim / (head_dim - 2))
+
+
+def inv_freq_with_overrides(head_dim: int, theta: float, scaling: dict[str, Any] | None,
+                            max_position_embeddings: int, seq_len: int | None = None,
+                            scale: float | None = None, alpha: float | None = None) -> tuple[torch.Tensor, float]:
+    """inv_freq_for plus the user's load-time overrides, on top of whatever the config asks for.
+
+    alpha raises the base (NTK-aware, no fine-tuning needed); scale is linear position
+    interpolation (positions / scale, i.e. inv_freq / scale), as exllamav2's scale_pos_emb.
+    """
+    inv, attn = inv_freq_for(head_dim, alpha_theta(theta, head_dim, alpha), scaling, max_position_embeddings,
+                             seq_len)
+    if scale and scale != 1.0:
+        inv = inv / scale
+    return inv, attn

@@ -4,6 +4,7 @@ engine for the CLI, the GUI and the server.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import os
@@ -18,8 +19,24 @@ from .generator import Generator
 from .loader import Progress, load_model
 from .lora import LoraInfo
 from .model import Transformer
+from .overflow import fit_messages
 from .tokenizer import Tokenizer
 from .types import Chunk, GenerationSettings, ModelInfo
+
+
+def check_rope_overrides(scale: float | None, alpha: float | None) -> None:
+    from .errors import GenerationError
+
+    for name, value in (("rope scale", scale), ("rope alpha", alpha)):
+        if value is not None and not (isinstance(value, (int, float)) and 0 < value <= 1024):
+            raise GenerationError(f"{name} must be a positive number up to 1024, not {value!r}",
+                                  hint="Leave it empty to use what the model's config.json asks for.")
+
+
+def _tag_dropped(stream: Iterator[Chunk], dropped: tuple[int, ...]) -> Iterator[Chunk]:
+    with contextlib.closing(stream):  # type: ignore[type-var]
+        for chunk in stream:
+            yield dataclasses.replace(chunk, dropped_messages=dropped)
 
 
 class Engine:
@@ -36,14 +53,23 @@ class Engine:
     def load(cls, path: str, device: str | None = "auto", *, max_seq_len: int | None = None,
              cache_mode: str = "fp16", backend: str | None = None, progress: Progress | None = None,
              draft: str | None = None, speculative: str | None = None,
-             draft_tokens: int | None = None) -> Engine:
+             draft_tokens: int | None = None, rope_scale: float | None = None, rope_alpha: float | None = None,
+             cache_slots: int | None = None) -> Engine:
+        """rope_scale / rope_alpha: user overrides on top of config.json's RoPE (see rope.py);
+        cache_slots: conversations whose KV caches stay resident (see Generator)."""
         if speculative == "draft" and not draft:
             raise GenerationError("speculative decoding with a draft model needs a draft model folder",
                                   hint="Give one with --draft DIR, or use --speculative ngram.")
+        check_rope_overrides(rope_scale, rope_alpha)
         tokenizer = Tokenizer.from_folder(path)
         template = ChatTemplate.from_folder(path, tokenizer)
         model = load_model(path, device, backend=backend, progress=progress)
-        engine = cls(model, tokenizer, template, Generator(model, tokenizer, max_seq_len, cache_mode))
+        if rope_scale or rope_alpha:
+            model.set_rope_overrides(rope_scale, rope_alpha)
+        generator = Generator(model, tokenizer, max_seq_len, cache_mode)
+        if cache_slots is not None:
+            generator.set_cache_slots(cache_slots)
+        engine = cls(model, tokenizer, template, generator)
         engine.set_speculative(speculative, draft_tokens)
         if draft:
             engine.set_draft(draft, backend=backend)
@@ -102,10 +128,24 @@ class Engine:
         return dataclasses.replace(settings, samplers=dict(settings.samplers),
                                    stop_strings=list(settings.stop_strings) + extra)
 
+    def fit_chat(self, messages: list[dict], max_new_tokens: int, overflow: str = "stop",
+                 tools: list[dict] | None = None) -> tuple[list[dict], list[int]]:
+        """(messages that fit the context, indices left out) under the overflow policy (overflow.py)."""
+        return fit_messages(messages, lambda m: len(self.chat_prompt_ids(m, tools)), self.generator.max_seq_len,
+                            max_new_tokens, overflow)
+
     def stream_chat(self, messages: list[dict], settings: GenerationSettings | None = None,
-                    tools: list[dict] | None = None) -> Iterator[Chunk]:
+                    overflow: str | None = None, tools: list[dict] | None = None) -> Iterator[Chunk]:
+        """Stream a reply. overflow ("stop" | "drop_oldest"; default settings.context_overflow) decides
+        what happens when the chat exceeds the context; every chunk's dropped_messages lists the
+        indices of `messages` that were left out (empty when all fit)."""
         settings = self._with_template_stops(settings or GenerationSettings())
-        return self.generator.stream(self.chat_prompt_ids(messages, tools), settings)
+        kept, dropped = self.fit_chat(messages, settings.max_new_tokens, overflow or settings.context_overflow,
+                                      tools)
+        stream = self.generator.stream(self.chat_prompt_ids(kept, tools), settings)
+        if not dropped:
+            return stream
+        return _tag_dropped(stream, tuple(dropped))
 
     def stream_text(self, prompt: str, settings: GenerationSettings | None = None) -> Iterator[Chunk]:
         ids = self.tokenizer.encode(prompt, add_bos=self.tokenizer.add_bos_token, special=True)
@@ -162,7 +202,7 @@ class Engine:
             self._scheduler.close()  # running requests finish first
             self._scheduler = None
         self.generator.loras.clear()
-        self.generator._cache = None
+        self.generator.release_caches()
         self.generator.speculation.draft = None
         self.model = None  # type: ignore[assignment]
         self.generator.model = None  # type: ignore[assignment]

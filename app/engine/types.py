@@ -21,6 +21,11 @@ class GenerationSettings:
     regex: str | None = None
     json_object: bool = False
     logprobs: int | None = None  # None: off; N >= 0: each token's logprob plus the top N alternatives
+    # Speculative decoding (app/engine/speculative.py): "draft", "ngram" (prompt lookup, no second
+    # model) or "off"; draft_tokens proposed per step. None = the engine's default (Engine.load options).
+    speculative: str | None = None
+    draft_tokens: int | None = None
+    context_overflow: str = "stop"  # chats only: "stop" | "drop_oldest" (app/engine/overflow.py)
 
 
 @dataclass
@@ -31,10 +36,6 @@ class TokenLogprob:
     token: str
     logprob: float
     top: list[tuple[int, str, float]] = field(default_factory=list)  # (id, text, logprob), best first
-    # Speculative decoding (app/engine/speculative.py): "draft", "ngram" (prompt lookup, no second
-    # model) or "off"; draft_tokens proposed per step. None = the engine's default (Engine.load options).
-    speculative: str | None = None
-    draft_tokens: int | None = None
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Chunk:
     logprobs: list[TokenLogprob] | None = None  # only when GenerationSettings.logprobs is set
     draft_proposed: int = 0  # speculative decoding: drafted tokens checked by the model so far
     draft_accepted: int = 0  # ... and how many of them it accepted
+    dropped_messages: tuple[int, ...] = ()  # chats: indices of messages left out to fit the context
 
     @property
     def draft_acceptance(self) -> float:
