@@ -71,6 +71,18 @@ L)
       --contexts 2048 8192 32768 --cache-modes ${MODES:-fp16 q8 q4} --json "$OUT/planner_accuracy.json" 2>&1 \
       | grep -v '^{' | tail -40
   ;;
+F1)
+  # the session's feature benchmarks, each bounded: speculative, constrained, concurrency
+  M=/root/kt/smollm2-exl2-mixed-v2
+  timeout 120 python3 bench/bench_speculative.py --target $FP16 --draft $M --device cuda 2>&1 | grep -v -i warn | tail -12
+  timeout 100 python3 bench/bench_constrained.py $FP16 --device cuda --tokens 200 --repeats 3 2>&1 | grep -v -i warn | tail -8
+  timeout 200 python3 bench/bench_server_concurrency.py /root/kt/smollm2-exl2-b4-v2 --out "$OUT/concurrency.json" 2>&1 \
+      | grep -v -i warn | tail -14
+  ;;
+F2)
+  timeout ${QTIME:-300} python3 bench/quantize_quality.py $FP16 .carry/ppl_ids.npy --device cuda --targets ${TARGETS:-4.0} \
+      --budget-s 200 --work /root/qwork 2>&1 | grep -v -i warn | tail -16
+  ;;
 Q)
   # quantizer quality at the headline target, and where decode time goes
   for b in torch cuda; do KESTREL_JIT=1 timeout 100 python3 bench/profile_decode.py /root/kt/smollm2-exl2-b4-v2 --backend $b 2>&1 | head -30; done
