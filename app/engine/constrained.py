@@ -50,7 +50,10 @@ def _ll_tokenizer(tokenizer: Tokenizer) -> Any:
         found = _TOKENIZERS.get(tokenizer)
         if found is None:
             eos = sorted(tokenizer.eos_ids) or None
-            found = llguidance.LLTokenizer(tokenizer._hf.to_str(), eos_token=eos)
+            try:
+                found = llguidance.LLTokenizer(tokenizer._hf.to_str(), eos_token=eos)
+            except TypeError:  # llguidance < 1.9 takes a single end-of-sequence id
+                found = llguidance.LLTokenizer(tokenizer._hf.to_str(), eos_token=eos[0] if eos else None)
             _TOKENIZERS[tokenizer] = found
         return found
 

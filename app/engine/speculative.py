@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from .errors import GenerationError, OutOfMemoryError, TokenizerError
-from .samplers import SamplerContext, SamplerState, is_greedy, mirostat_on, probabilities, sample
+from .samplers import (SamplerContext, SamplerState, is_greedy, mirostat_on, on_generator_device, probabilities,
+                       sample)
 
 if TYPE_CHECKING:
     from .generator import Generator
@@ -79,12 +80,13 @@ def speculative_pick(p: torch.Tensor, token: int, q: torch.Tensor | None,
         qv = q[:vocab] if q.numel() >= vocab else torch.cat([q, torch.zeros(vocab - q.numel())])
     if token < vocab and float(qv[token]) > 0:
         ratio = float(p[token]) / float(qv[token])
-        if float(torch.rand(1, generator=generator)) < ratio:
+        device = generator.device if generator is not None else "cpu"
+        if float(torch.rand(1, generator=generator, device=device)) < ratio:
             return token
     residual = (p - qv).clamp(min=0.0)
     if float(residual.sum()) <= 0.0:  # p <= q everywhere but the draw was refused: only by rounding
         residual = p
-    return int(torch.multinomial(residual, 1, generator=generator))
+    return int(torch.multinomial(on_generator_device(residual, generator), 1, generator=generator))
 
 
 # --- drafters --------------------------------------------------------------------------------------
@@ -133,7 +135,8 @@ class DraftModel:
                     prop = Proposal(sample(logits, spec.samplers, ctx, None))
                 else:
                     q = probabilities(logits, spec.samplers, ctx, spec.draft_rng).cpu()
-                    prop = Proposal(int(torch.multinomial(q, 1, generator=spec.draft_rng)), q)
+                    prop = Proposal(int(torch.multinomial(on_generator_device(q, spec.draft_rng), 1,
+                                                          generator=spec.draft_rng)), q)
             except GenerationError:  # e.g. a logit bias naming an id past the draft's head: stop here
                 break
             out.append(prop)
