@@ -13,7 +13,7 @@ import os
 from dataclasses import replace
 from typing import Any
 
-from PySide6.QtCore import QObject, Qt, Signal, Slot
+from PySide6.QtCore import QObject, Qt, QTimer, Signal, Slot
 from PySide6.QtWidgets import (
     QCheckBox,
     QDoubleSpinBox,
@@ -159,7 +159,11 @@ class LoraPanel(QWidget):
         buttons.addWidget(self.open_button)
         buttons.addStretch(1)
         outer.addLayout(buttons)
-        self.refresh()
+        QTimer.singleShot(0, self._first_scan)  # after the window's first paint
+
+    def _first_scan(self) -> None:
+        if not self.rows:
+            self.refresh()
 
     # --- library ------------------------------------------------------------------------------
 
