@@ -374,7 +374,8 @@ class QuantizeWizard(QDialog):
 
     def _source_changed(self, text: str) -> None:
         src = text.strip()
-        if src and not self.out_edit.text().strip() or getattr(self, "_auto_out", "") == self.out_edit.text():
+        out = self.out_edit.text()
+        if src and (not out.strip() or out == getattr(self, "_auto_out", None)):  # never overwrite a user's choice
             base = self.library_dirs[0] if self.library_dirs else os.path.dirname(os.path.abspath(src))
             self._auto_out = os.path.join(base, f"{os.path.basename(os.path.normpath(src))}-exl2")
             self.out_edit.setText(self._auto_out)
