@@ -76,6 +76,7 @@ class Engine:
             backend=self.model.backend.name,
             device=str(self.model.device),
             max_seq_len=self.generator.max_seq_len,
+            cache_mode=self.generator.cache_mode,
         )
 
     # --- chat ----------------------------------------------------------------------------------

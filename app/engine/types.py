@@ -51,3 +51,4 @@ class ModelInfo:
     backend: str
     device: str
     max_seq_len: int
+    cache_mode: str = "fp16"

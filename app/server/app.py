@@ -431,7 +431,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if state.engine is None and config.model_dir:
             state.engine = await state.jobs.run("load", lambda: Engine.load(
-                config.model_dir, config.device, max_seq_len=config.max_seq_len, backend=config.backend))
+                config.model_dir, config.device, max_seq_len=config.max_seq_len, **config.load_options()))
             state.loaded_at = int(time.time())
         yield
         state.jobs.shutdown()
@@ -469,7 +469,8 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
                 state.engine.unload()
                 state.engine = None
             return Engine.load(folder, body.device or config.device,
-                               max_seq_len=body.max_seq_len or config.max_seq_len, backend=config.backend)
+                               max_seq_len=body.max_seq_len or config.max_seq_len,
+                               **{**config.load_options(), **({"cache_mode": body.cache_mode} if body.cache_mode else {})})
 
         state.engine = await state.jobs.run("load", swap)
         state.loaded_at = int(time.time())
@@ -598,7 +599,7 @@ def run_server(config: ServerConfig) -> None:
         if not os.path.isdir(config.model_dir):
             raise KestrelError("is not a folder", path=config.model_dir, hint="Give a model folder to --model.")
         engine = Engine.load(config.model_dir, config.device, max_seq_len=config.max_seq_len,
-                             backend=config.backend)
+                             **config.load_options())
     app = create_app(config, engine)
     where = f"http://{config.host}:{config.port}"
     log.warning("Kestrel API at %s/v1 (docs at %s/docs)%s", where, where,

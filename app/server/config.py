@@ -42,6 +42,14 @@ class ServerConfig:
     backend: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT
+    cache_mode: str = "fp16"  # KV cache precision for every load: fp16 | q8 | q6 | q4
+    rope_scale: float | None = None
+    rope_alpha: float | None = None
+
+    def load_options(self) -> dict:
+        """Engine.load keyword arguments shared by every load this server does."""
+        return {"backend": self.backend, "cache_mode": self.cache_mode, "rope_scale": self.rope_scale,
+                "rope_alpha": self.rope_alpha}
 
 
 def is_loopback(host: str) -> bool:
