@@ -50,6 +50,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="DIR[:SCALE]",
                    help="apply a PEFT LoRA adapter folder at SCALE (default 1), repeatable")
 
+    p.add_argument("--cache-mode", default="fp16", choices=["fp16", "q8", "q6", "q4"],
+                   help="KV cache precision: q8/q6/q4 fit 2-4x longer chats in the same memory")
+    p.add_argument("--rope-scale", type=float, default=None,
+                   help="linear RoPE scale (positions / scale), on top of the model's config")
+    p.add_argument("--rope-alpha", type=float, default=None,
+                   help="NTK RoPE alpha (base *= alpha^(d/(d-2))), to stretch the context without fine-tuning")
+
 
 def _speculative_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", default=None, metavar="DIR",
@@ -69,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     _sampler_args(p)
     _speculative_args(p)
     p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--overflow", default="stop", choices=["stop", "drop_oldest"],
+                   help="when the chat outgrows the context: stop with a message, or drop the oldest turns")
 
     p = sub.add_parser("generate", help="complete one prompt")
     _model_args(p)
@@ -157,6 +166,7 @@ def _load(args: argparse.Namespace) -> Any:
     from app.engine.session import Engine
 
     return Engine.load(args.model, args.device, max_seq_len=args.max_seq_len, backend=args.backend,
+                       cache_mode=args.cache_mode, rope_scale=args.rope_scale, rope_alpha=args.rope_alpha,
                        **_speculative_options(args))
 
 
@@ -200,6 +210,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    from app.engine.errors import ContextFullError
+
     settings = _settings(args)
     engine = _load(args)
     _with_loras(engine, args, settings)
@@ -224,9 +236,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         history.append({"role": "user", "content": text})
         reply, last = [], None
+        try:
+            stream = engine.stream_chat(history, settings, overflow=args.overflow)
+        except ContextFullError as e:
+            history.pop()
+            print(f"error: {e}", file=sys.stderr)
+            continue
         sys.stdout.write("assistant> ")
         try:
-            for chunk in engine.stream_chat(history, settings):
+            for chunk in stream:
+                if last is None and chunk.dropped_messages:
+                    print(f"\n(context full: left out the {len(chunk.dropped_messages)} oldest messages; "
+                          "the system prompt is kept)", file=sys.stderr)
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
                 reply.append(chunk.text)
@@ -283,7 +304,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         host=args.host, port=args.port, api_key=args.api_key, model_dir=args.model,
         models_root=args.models_dir or os.path.dirname(os.path.abspath(args.model)),
-        device=args.device, max_seq_len=args.max_seq_len, backend=args.backend,
+        device=args.device, max_seq_len=args.max_seq_len, backend=args.backend, cache_mode=args.cache_mode,
+        rope_scale=args.rope_scale, rope_alpha=args.rope_alpha,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_tokens_limit=args.max_tokens_limit,
         loras=tuple(parse_lora(spec) for spec in args.lora),
         cache_tokens=args.cache_tokens,

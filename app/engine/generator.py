@@ -17,7 +17,7 @@ import torch
 
 from . import speculative
 from .cache import KVCache
-from .cache_slots import DEFAULT_CACHE_SLOTS, CacheSlot, choose_slot, common_prefix
+from .cache_slots import DEFAULT_CACHE_SLOTS, CacheSlot, choose_slot, common_prefix, slot_fits
 from .constrained import Constraint
 from .errors import GenerationError, OutOfMemoryError
 from .graphs import DecodeGraph, graphs_enabled
@@ -133,11 +133,12 @@ class Generator:
         index, _ = choose_slot(self._slots, ids, self.cache_slots)
         if index is None and self._slots:
             try:
+                if not slot_fits(self.model, self.max_seq_len, self.cache_mode):
+                    raise torch.cuda.OutOfMemoryError("no room for another cache slot")
                 self._slots.append(CacheSlot(self.model.allocate_cache(self.max_seq_len, mode=self.cache_mode)))
                 index = len(self._slots) - 1
-            except torch.cuda.OutOfMemoryError:  # no room for another conversation: reuse the oldest
-                self.cache_slots = len(self._slots)
-                index, _ = choose_slot(self._slots, ids, self.cache_slots)
+            except torch.cuda.OutOfMemoryError:  # no room for another conversation now: reuse the oldest
+                index, _ = choose_slot(self._slots, ids, len(self._slots))
         if index is None:
             self._slots.append(CacheSlot())
             index = len(self._slots) - 1

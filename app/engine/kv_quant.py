@@ -10,14 +10,18 @@ symmetric quantization with one fp16 scale per group on a grid of 2**bits levels
 Keys are centred first. Llama-style keys carry a large per-channel mean (mean/std up to ~8 in
 SmolLM2's low-frequency RoPE channels): a per-token scale spent on that offset leaves few levels for
 what varies. The mean is taken before RoPE (RoPE turns a constant into a position-dependent vector)
-over the first write into an empty cache (position 0, often an attention sink, left out), stored as
-one fp16 vector per layer and KV head, and rope(mean, position) is subtracted before quantizing and
-added back after. On the fixture this took the Q4 keys' perplexity cost from ~4.5% to ~0.2%.
+over the first MEAN_TOKENS keys written into an empty cache (position 0, often an attention sink,
+left out), stored as one fp16 vector per layer and KV head, and rope(mean, position) is subtracted
+before quantizing and added back after. On the fixture this took the Q4 keys' perplexity cost from ~4.5% to ~0.2%.
+
+The first EXACT_TOKENS positions are also kept in fp16 beside the quantized copy: most heads put
+much of their attention on them (attention sinks), so their error would reach every later token.
 
 Packing: Q8 one value per byte, Q6 four values in three bytes, Q4 two per byte. Storage per layer
 is one uint8 tensor and one fp16 scale tensor for keys and the same for values, so the bytes held
 are exactly max_seq_len * kv_bytes_per_token(config, mode) (times batch). Outside that count: the
-key means (num_layers * num_kv_heads * head_dim fp16 values) and the fp16 read-back buffers below.
+key means and fp16 sink tokens (num_layers * num_kv_heads * head_dim * (1 + 2 * EXACT_TOKENS) values)
+and the fp16 read-back buffers below.
 
 `update` keeps the KVCache contract: it returns fp16 views of the whole valid span, dequantized into
 one fp16 buffer per cache that all layers share (layers run one after another, and attention reads
@@ -31,6 +35,9 @@ from collections.abc import Callable
 import torch
 
 from .cache import CACHE_GROUP_SIZE as GROUP  # cache imports this module lazily: no cycle
+
+MEAN_TOKENS = 32  # keys after position 0 whose pre-RoPE mean centres the rest (measured best of 32 / all)
+EXACT_TOKENS = 4  # the first positions (attention sinks: most heads attend to them heavily) kept in fp16
 
 
 def hadamard(n: int = GROUP) -> torch.Tensor:
@@ -130,6 +137,10 @@ class QuantKVCache:
         self.rot = hadamard().to(device) if rotate else None
         self.rope = rope
         self.key_means: list[torch.Tensor | None] = [None] * num_layers  # (batch, 1, heads, dim) fp16
+        self.exact = EXACT_TOKENS
+        sink = (batch, min(self.exact, max_seq_len), num_kv_heads, head_dim)
+        self.sink_keys = [torch.zeros(sink, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.sink_values = [torch.zeros(sink, dtype=dtype, device=device) for _ in range(num_layers)]
         self._k_buf: torch.Tensor | None = None  # shared fp16 read-back buffers, made on first use
         self._v_buf: torch.Tensor | None = None
         self._shape = shape
@@ -138,6 +149,7 @@ class QuantKVCache:
     def overhead_bytes(self) -> int:
         """Bytes outside the per-token formula: key means and the fp16 read-back buffers."""
         extra = sum(m.numel() * m.element_size() for m in self.key_means if m is not None)
+        extra += sum(t.numel() * t.element_size() for t in self.sink_keys + self.sink_values)
         return extra + sum(b.numel() * b.element_size() for b in (self._k_buf, self._v_buf) if b is not None)
 
     def storage_bytes(self) -> int:
@@ -188,7 +200,7 @@ class QuantKVCache:
 
             cos, sin = self.rope(0, t)
             kf = apply_rope(kf, cos.float(), -sin.float())  # rotate back to before RoPE
-        self.key_means[layer] = kf[:, 1:].mean(1, keepdim=True).to(torch.float16)
+        self.key_means[layer] = kf[:, 1:1 + MEAN_TOKENS].mean(1, keepdim=True).to(torch.float16)
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Quantize k/v (batch, seq, heads, dim) into place at `start`; return fp16 views of 0..end."""
@@ -206,6 +218,10 @@ class QuantKVCache:
             packed, scale = quantize(self._pad(x), self.bits, self.rot)
             store[layer][:, start:end] = packed
             scales[layer][:, start:end] = scale
+        if start < self.exact:
+            n = min(end, self.exact) - start
+            self.sink_keys[layer][:, start:start + n] = k[:, :n]
+            self.sink_values[layer][:, start:start + n] = v[:, :n]
         kb, vb = self._buffers()
         deq = dequantize(self.keys[layer][:, :end], self.key_scales[layer][:, :end], self.bits, self.rot,
                          torch.float32)
@@ -213,4 +229,7 @@ class QuantKVCache:
         deq = dequantize(self.values[layer][:, :end], self.value_scales[layer][:, :end], self.bits, self.rot,
                          self.dtype)
         vb[:, :end] = deq[..., :self.head_dim]
+        n = min(end, self.exact)
+        kb[:, :n] = self.sink_keys[layer][:, :n]
+        vb[:, :n] = self.sink_values[layer][:, :n]
         return kb[:, :end], vb[:, :end]

@@ -110,6 +110,7 @@ class Engine:
             device=str(self.model.device),
             max_seq_len=self.generator.max_seq_len,
             draft_model=d.path if (d := self.generator.speculation.draft) is not None else None,
+            cache_mode=self.generator.cache_mode,
         )
 
     # --- chat ----------------------------------------------------------------------------------

@@ -34,8 +34,15 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from .errors import GenerationError, OutOfMemoryError, TokenizerError
-from .samplers import (SamplerContext, SamplerState, is_greedy, mirostat_on, on_generator_device, probabilities,
-                       sample)
+from .samplers import (
+    SamplerContext,
+    SamplerState,
+    is_greedy,
+    mirostat_on,
+    on_generator_device,
+    probabilities,
+    sample,
+)
 
 if TYPE_CHECKING:
     from .generator import Generator

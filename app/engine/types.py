@@ -79,3 +79,4 @@ class ModelInfo:
     device: str
     max_seq_len: int
     draft_model: str | None = None  # folder of the attached speculative draft model
+    cache_mode: str = "fp16"

@@ -481,8 +481,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if state.engine is None and config.model_dir:
             state.engine = await state.jobs.run("load", lambda: Engine.load(
-                config.model_dir, config.device, max_seq_len=config.max_seq_len, backend=config.backend,
-                draft=config.draft, speculative=config.speculative, draft_tokens=config.draft_tokens))
+                config.model_dir, config.device, max_seq_len=config.max_seq_len, **config.load_options()))
             state.loaded_at = int(time.time())
         if state.engine is not None and config.loras:
             engine = state.engine
@@ -527,7 +526,8 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
                 state.engine = None
             state.lora_scales = {}
             return Engine.load(folder, body.device or config.device,
-                               max_seq_len=body.max_seq_len or config.max_seq_len, backend=config.backend)
+                               max_seq_len=body.max_seq_len or config.max_seq_len,
+                               **{**config.load_options(), **({"cache_mode": body.cache_mode} if body.cache_mode else {})})
 
         state.engine = await state.jobs.run("load", swap)
         state.loaded_at = int(time.time())
@@ -752,8 +752,7 @@ def run_server(config: ServerConfig) -> None:
         if not os.path.isdir(config.model_dir):
             raise KestrelError("is not a folder", path=config.model_dir, hint="Give a model folder to --model.")
         engine = Engine.load(config.model_dir, config.device, max_seq_len=config.max_seq_len,
-                             backend=config.backend, draft=config.draft, speculative=config.speculative,
-                             draft_tokens=config.draft_tokens)
+                             **config.load_options())
         load_loras(engine, config.loras)  # a bad adapter is one error line, before the server starts
     app = create_app(config, engine)
     where = f"http://{config.host}:{config.port}"

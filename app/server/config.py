@@ -48,6 +48,15 @@ class ServerConfig:
     draft: str | None = None  # speculative decoding for the start-up model (cli --draft / --speculative)
     speculative: str | None = None
     draft_tokens: int | None = None
+    cache_mode: str = "fp16"  # KV cache precision for every load: fp16 | q8 | q6 | q4
+    rope_scale: float | None = None
+    rope_alpha: float | None = None
+
+    def load_options(self) -> dict:
+        """Engine.load keyword arguments shared by every load this server does."""
+        return {"backend": self.backend, "cache_mode": self.cache_mode, "rope_scale": self.rope_scale,
+                "rope_alpha": self.rope_alpha, "draft": self.draft, "speculative": self.speculative,
+                "draft_tokens": self.draft_tokens}
 
 
 def is_loopback(host: str) -> bool:

@@ -152,6 +152,8 @@ class LoadRequest(BaseModel):
                        description="A model folder inside the server's models folder (name or path).")
     max_seq_len: int | None = Field(None, ge=16)
     device: str | None = None
+    cache_mode: Literal["fp16", "q8", "q6", "q4"] | None = Field(
+        None, description="KV cache precision (default: the server's --cache-mode).")
 
 
 class EncodeRequest(BaseModel):

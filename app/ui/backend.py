@@ -36,7 +36,16 @@ def vram_text() -> str:
     return f"VRAM {g.used_bytes / GIB:.1f} / {g.total_bytes / GIB:.1f} GiB"
 
 
-def generation_settings(samplers: dict[str, Any], max_new_tokens: int, seed: int | None = None) -> Any:
+def generation_settings(samplers: dict[str, Any], max_new_tokens: int, seed: int | None = None,
+                        context_overflow: str = "stop") -> Any:
     from app.engine.types import GenerationSettings
 
-    return GenerationSettings(max_new_tokens=max_new_tokens, samplers=dict(samplers), seed=seed)
+    return GenerationSettings(max_new_tokens=max_new_tokens, samplers=dict(samplers), seed=seed,
+                              context_overflow=context_overflow)
+
+
+def dropped_notice(count: int) -> str:
+    """What the chat view says when the overflow policy left messages out of a reply's prompt."""
+    noun = "message" if count == 1 else "messages"
+    return (f"The chat is longer than the model's context: the {count} oldest {noun} were left out of "
+            "this reply (the system prompt was kept). Change this under “When the chat is full”.")

@@ -503,6 +503,13 @@ class ChatView(QWidget):
         self.composer.setMaximumWidth(COLUMN_WIDTH)
         self.composer.edit.submitted.connect(self.submit)
         self.composer.button.clicked.connect(self._button_clicked)
+        self.notice = QLabel("")
+        self.notice.setObjectName("ChatNotice")
+        self.notice.setWordWrap(True)
+        self.notice.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.notice.setMaximumWidth(COLUMN_WIDTH)
+        self.notice.hide()
+        bottom_layout.addWidget(self.notice, 0, Qt.AlignmentFlag.AlignHCenter)
         hint = QLabel("Enter to send · Shift+Enter for a new line · Esc to stop")
         hint.setObjectName("ComposerHint")
         hint.setAlignment(Qt.AlignmentFlag.AlignCenter)
@@ -518,9 +525,15 @@ class ChatView(QWidget):
 
     # --- messages -----------------------------------------------------------------------------
 
+    def show_notice(self, text: str) -> None:
+        """A line above the composer about this chat (e.g. turns left out to fit the context)."""
+        self.notice.setText(text)
+        self.notice.setVisible(bool(text))
+
     def set_messages(self, messages: Sequence[Any]) -> None:
         """Show a conversation (system messages are not shown: they live in the side panel)."""
         self._stop_refresh()
+        self.show_notice("")
         for w in self.widgets:
             self.column_layout.removeWidget(w)
             w.hide()

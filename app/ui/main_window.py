@@ -260,6 +260,9 @@ class MainWindow(QMainWindow):
         self.model_panel = ModelPanel(RecentModels(self.config_dir), self.icons["folder"])
         self.model_panel.load_requested.connect(self.load_model)
         self.model_panel.unload_requested.connect(self.unload_model)
+        self.model_panel.set_overflow(str(self.prefs.get("context_overflow", "stop")))
+        self.model_panel.overflow_combo.currentIndexChanged.connect(
+            lambda _i: self.prefs.set("context_overflow", self.model_panel.overflow()))
         layout.addWidget(self.model_panel)
         section("System prompt")
         self.system_prompt = QPlainTextEdit()
@@ -668,7 +671,8 @@ class MainWindow(QMainWindow):
         conv = self.store.get_conversation(cid)
         messages = chat_messages(conv.system_prompt, self.store.messages(cid))
         samplers = self.sampler_panel.values()
-        settings = backend.generation_settings(samplers, self.sampler_panel.max_tokens.value())
+        settings = backend.generation_settings(samplers, self.sampler_panel.max_tokens.value(),
+                                               context_overflow=self.model_panel.overflow())
         source, name, path, endpoint_id = self._chat_source()
         if source is self.client:  # adapters live on the local engine; a remote server has its own
             settings.loras = self.lora_panel.request_loras()
@@ -735,6 +739,8 @@ class MainWindow(QMainWindow):
                 self.chat.stream_text(gen.text)
         if chunk.generated_tokens:
             self.speed_label.setText(f"{chunk.tokens_per_second:.1f} tok/s")
+        if chunk.dropped_messages and gen.conversation_id == self.current_id:
+            self.chat.show_notice(backend.dropped_notice(len(chunk.dropped_messages)))
         self._set_context(chunk.prompt_tokens + chunk.generated_tokens)
 
     def _end(self, job: int, timings: Timings, reason: str) -> Generation | None:

@@ -11,6 +11,7 @@ from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
+    QDoubleSpinBox,
     QFileDialog,
     QFrame,
     QGridLayout,
@@ -29,6 +30,9 @@ from .worker import LoadRequest
 
 log = logging.getLogger(__name__)
 MAX_RECENT = 8
+CACHE_MODES = (("fp16", "FP16 (exact)"), ("q8", "Q8 (half the memory)"), ("q6", "Q6"),
+               ("q4", "Q4 (a quarter of the memory)"))
+OVERFLOW = (("stop", "Stop and tell me"), ("drop_oldest", "Drop the oldest turns"))
 
 
 def human_count(n: int | None) -> str:
@@ -49,7 +53,8 @@ def describe_model(info: Any) -> list[tuple[str, str]]:
             ("Parameters", human_count(info.parameters)),
             ("Weights", quant),
             ("Backend", f"{info.backend} on {info.device}"),
-            ("Context", f"{info.max_seq_len:,} tokens")] + (
+            ("Context", f"{info.max_seq_len:,} tokens"
+                        + (f", {info.cache_mode.upper()} cache" if getattr(info, "cache_mode", "fp16") != "fp16" else ""))] + (
         [("Draft", Path(info.draft_model).name)] if getattr(info, "draft_model", None) else [])
 
 
@@ -143,11 +148,28 @@ class ModelPanel(QWidget):
         self.context_spin.setSpecialValueText("Auto")
         self.context_spin.setAlignment(Qt.AlignmentFlag.AlignRight)
         self.context_spin.setToolTip("Tokens of context to allocate (Auto: the model's limit, capped to fit).")
+        self.cache_combo = QComboBox()
+        for key, label in CACHE_MODES:
+            self.cache_combo.addItem(label, key)
+        self.cache_combo.setToolTip("KV cache precision. Quantized caches hold 2-4x longer chats in the same "
+                                    "memory at a small cost in quality.")
+        self.rope_scale_spin = self._rope_spin("Linear RoPE scale (positions / scale) on top of the model's "
+                                               "config. Auto: as the model was trained.")
+        self.rope_alpha_spin = self._rope_spin("NTK RoPE alpha: stretches the context without fine-tuning "
+                                               "(about 2.5 for twice the trained length). Auto: none.")
+        self.overflow_combo = QComboBox()
+        for key, label in OVERFLOW:
+            self.overflow_combo.addItem(label, key)
+        self.overflow_combo.setToolTip("What happens when a chat no longer fits the context: stop with a "
+                                       "message, or leave out the oldest turns (the system prompt is kept).")
         self.draft_edit, self.ngram_check = self._speculative_fields(folder_icon)
         draft_row = QHBoxLayout()
         draft_row.addWidget(self.draft_edit, 1)
         draft_row.addWidget(self.draft_button)
         for row, (text, widget) in enumerate((("Device", self.device_combo), ("Context size", self.context_spin),
+                                               ("KV cache", self.cache_combo), ("RoPE scale", self.rope_scale_spin),
+                                               ("RoPE alpha", self.rope_alpha_spin),
+                                               ("When the chat is full", self.overflow_combo),
                                                ("Draft model", draft_row), ("", self.ngram_check))):
             label = QLabel(text)
             label.setObjectName("FieldLabel")
@@ -199,8 +221,30 @@ class ModelPanel(QWidget):
         context = self.context_spin.value()
         ngram = self.ngram_check.isChecked()
         return LoadRequest(self.path_combo.currentText().strip(), self.device_combo.currentText(),
-                           context or None, draft=None if ngram else self.draft_edit.text().strip() or None,
+                           context or None, self.cache_combo.currentData(),
+                           self.rope_scale_spin.value() or None, self.rope_alpha_spin.value() or None,
+                           draft=None if ngram else self.draft_edit.text().strip() or None,
                            speculative="ngram" if ngram else None)
+
+
+    @staticmethod
+    def _rope_spin(tip: str) -> QDoubleSpinBox:
+        spin = QDoubleSpinBox()
+        spin.setRange(0.0, 64.0)
+        spin.setDecimals(2)
+        spin.setSingleStep(0.25)
+        spin.setSpecialValueText("Auto")  # 0 = no override
+        spin.setAlignment(Qt.AlignmentFlag.AlignRight)
+        spin.setToolTip(tip)
+        return spin
+
+    def overflow(self) -> str:
+        return self.overflow_combo.currentData()
+
+    def set_overflow(self, policy: str) -> None:
+        index = self.overflow_combo.findData(policy)
+        if index >= 0:
+            self.overflow_combo.setCurrentIndex(index)
 
     def set_path(self, folder: str) -> None:
         self.path_combo.setCurrentText(folder)

@@ -65,6 +65,8 @@ def describe_error(exc: BaseException, action: str) -> ErrorReport:
         if isinstance(exc, errors.TokenizerError):
             return ErrorReport("tokenizer", "The model's tokenizer is broken", _sentence(text),
                                hint or "Download the model again, or pick another folder.")
+        if isinstance(exc, errors.ContextFullError):
+            return ErrorReport("context", "This chat is full", _sentence(text), hint)
         if isinstance(exc, errors.GenerationError):
             return ErrorReport("generation", "The reply could not be generated", _sentence(text), hint)
         return ErrorReport("error", f"Could not {action}", _sentence(text), hint)
@@ -88,6 +90,9 @@ class LoadRequest:
     path: str
     device: str = "auto"
     max_seq_len: int | None = None
+    cache_mode: str = "fp16"
+    rope_scale: float | None = None
+    rope_alpha: float | None = None
     draft: str | None = None  # speculative decoding: draft model folder
     speculative: str | None = None  # "ngram" for prompt lookup (no draft model); None: the draft if any
 
@@ -138,6 +143,8 @@ class EngineWorker(QObject):
             from app.engine.session import Engine  # torch is imported here, on this thread
 
             self.engine = Engine.load(request.path, request.device, max_seq_len=request.max_seq_len,
+                                      cache_mode=request.cache_mode, rope_scale=request.rope_scale,
+                                      rope_alpha=request.rope_alpha,
                                       progress=lambda f, m: self.progress.emit(float(f), str(m)),
                                       draft=request.draft, speculative=request.speculative)
         except Exception as e:  # noqa: BLE001 - every failure becomes a dialog; the app goes on
