@@ -8,7 +8,7 @@ Cases, each through the real Engine (chat template, samplers, streaming), greedy
 Greedy runs also check that the speculative output is identical to plain decoding.
 
 usage: python bench/bench_speculative.py --target DIR [--draft DIR] [--high DIR --low DIR]
-           [--device cuda] [--backend auto] [--new 200] [--draft-tokens 4]
+           [--device cuda] [--backend auto] [--new 160] [--draft-tokens 4]
 Prints a table; writes $OUT/speculative.json when OUT is set (or --json PATH).
 """
 
@@ -107,7 +107,7 @@ def main() -> int:
     ap.add_argument("--low", default=None, help="case c: low-bpw EXL2 folder, draft for --high")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--backend", default="auto")
-    ap.add_argument("--new", type=int, default=200, help="tokens generated per run")
+    ap.add_argument("--new", type=int, default=160, help="tokens generated per run")
     ap.add_argument("--draft-tokens", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=2, help="runs per setting; the fastest counts")
     ap.add_argument("--json", default=None, help="output file (default: $OUT/speculative.json if OUT is set)")

@@ -233,7 +233,7 @@ class Generator:
                 lps = [entry for _, entry in logprobs]
                 logprobs.clear()
             return Chunk(text, new, n_prompt, len(generated), t_prefill, time.perf_counter() - t1, finish, lps,
-                         *speculative.counts(spec))
+                         **speculative.counts(spec))
 
         if logits is None:
             yield chunk("", [], "cancelled")

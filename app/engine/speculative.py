@@ -301,6 +301,8 @@ def start(target: Generator, settings: GenerationSettings, samplers: dict, n_pro
     return Speculation(target, drafter, k, samplers, n_prompt, state, settings.seed)
 
 
-def counts(spec: Speculation | None) -> tuple[int, int]:
-    """(drafted tokens checked, accepted) for the Chunk."""
-    return (spec.proposed, spec.accepted) if spec is not None else (0, 0)
+def counts(spec: Speculation | None) -> dict[str, int]:
+    """The Chunk's counters: drafted tokens checked, and accepted."""
+    if spec is None:
+        return {}
+    return {"draft_proposed": spec.proposed, "draft_accepted": spec.accepted}
