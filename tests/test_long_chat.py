@@ -82,7 +82,7 @@ def test_switching_conversations_keeps_both_prefixes(engine) -> None:
             g.reset_cache()
             reply(engine, a)
             reply(engine, b)
-            assert g.last_prefill_tokens == engine.count_chat_tokens(b)
+            assert g.last_prefill_tokens >= engine.count_chat_tokens(b) - 8  # at most the template's start is shared
             reply(engine, a)  # back to A
             if a_again_prefill == "cached":
                 assert g.last_prefill_tokens == 1
