@@ -54,7 +54,8 @@ def make_backend(device: torch.device, dtype: torch.dtype, name: str | None = No
                 return CudaBackend(device, dtype)
             if name == "cuda":
                 raise KestrelError(f"the CUDA backend is not available: {why}")
-            log.info("CUDA extension not available (%s); using the pure-PyTorch path", why)
+            # one line, shown by default: the GPU runs, but slower than it could
+            log.warning("Kestrel's CUDA kernels are not available (%s); using the pure-PyTorch path", why)
     return TorchBackend(device, dtype)
 
 
