@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import GenerationError, OutOfMemoryError
-from .generator import MAX_BANNED_STRING_ROLLBACKS, keep_held_logits, sampler_state
+from .generator import MAX_BANNED_STRING_ROLLBACKS, check_request, keep_held_logits, sampler_state
 from .model import Transformer
 from .paged_cache import DEFAULT_PAGE_SIZE, PagedKVCache, PagedSequence
 from .rope import apply_rope
-from .samplers import BannedStringGuard, SamplerContext, SamplerState, sample, validate_settings
+from .samplers import BannedStringGuard, SamplerContext, SamplerState, sample
 from .tokenizer import StopStringMatcher, StreamDecoder, Tokenizer
 from .types import Chunk, GenerationSettings
 
@@ -244,15 +244,7 @@ class Scheduler:
                emit: Callable[[object], None] | None = None) -> BatchJob:
         """Queue a generation; checks what would fail later now, so errors reach the caller."""
         settings = settings or GenerationSettings()
-        samplers = validate_settings(settings.samplers)
-        if not prompt_ids:
-            raise GenerationError("the prompt is empty")
-        budget = self.max_seq_len - len(prompt_ids)
-        if budget <= 0:
-            raise GenerationError(
-                f"the prompt has {len(prompt_ids)} tokens, the context holds {self.max_seq_len}",
-                hint="Shorten the conversation or load the model with a longer context.")
-        max_new = max(0, min(settings.max_new_tokens, budget))
+        samplers, max_new = check_request(prompt_ids, settings, self.max_seq_len)
         if self.cache.pages_for(len(prompt_ids) + max_new) > self.cache.num_pages:
             raise GenerationError(
                 f"the request needs {len(prompt_ids) + max_new} tokens of cache, the server's pool holds "

@@ -46,6 +46,20 @@ def keep_held_logits(saved: dict[int, torch.Tensor], held_from: int | None) -> N
         del saved[index]
 
 
+def check_request(prompt_ids: list[int], settings: GenerationSettings, max_seq_len: int) -> tuple[dict, int]:
+    """(validated samplers, tokens that may be generated): what every request is checked for before
+    any work, by the Generator and the batching scheduler alike."""
+    samplers = validate_settings(settings.samplers)
+    if not prompt_ids:
+        raise GenerationError("the prompt is empty")
+    budget = max_seq_len - len(prompt_ids)
+    if budget <= 0:
+        raise GenerationError(
+            f"the prompt has {len(prompt_ids)} tokens, the context holds {max_seq_len}",
+            hint="Shorten the conversation or load the model with a longer context.")
+    return samplers, max(0, min(settings.max_new_tokens, budget))
+
+
 class Generator:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int | None = None,
                  cache_mode: str = "fp16", prefill_chunk: int = DEFAULT_CHUNK) -> None:
@@ -178,15 +192,7 @@ class Generator:
     def stream(self, prompt_ids: list[int], settings: GenerationSettings | None = None) -> Iterator[Chunk]:
         """Generate from token ids, yielding text chunks; the last chunk carries finish_reason."""
         settings = settings or GenerationSettings()
-        samplers = validate_settings(settings.samplers)
-        if not prompt_ids:
-            raise GenerationError("the prompt is empty")
-        budget = self.max_seq_len - len(prompt_ids)
-        if budget <= 0:
-            raise GenerationError(
-                f"the prompt has {len(prompt_ids)} tokens, the context holds {self.max_seq_len}",
-                hint="Shorten the conversation or load the model with a longer context.")
-        max_new = max(0, min(settings.max_new_tokens, budget))
+        samplers, max_new = check_request(prompt_ids, settings, self.max_seq_len)
         constraint = Constraint.from_settings(self.tokenizer, settings)  # bad schema: error before any work
         with self._lock:
             self._cancel.clear()

@@ -1,9 +1,9 @@
 """Server-side bookkeeping of engine jobs, each feeding its own asyncio queue.
 
 `BatchQueue` (what the server uses): every generation goes to the engine's continuous-batching
-scheduler at once and runs alongside the others. `JobQueue`: the earlier one-at-a-time FIFO worker,
-for an engine without a scheduler. Both push a job's chunks into that job's queue as fast as the
-engine makes them, so a slow reader delays only itself. Surface: `stream(kind, start)` -> JobStream,
+scheduler at once and runs alongside the others; requests the scheduler cannot run go to
+`SingleJob`, one at a time on the Generator, behind the same handle. Chunks are pushed into each
+job's queue as fast as the engine makes them, so a slow reader delays only itself. Surface: `stream(kind, start)` -> JobStream,
 `run(kind, fn)`, `cancel(job)`, `finished`, `shutdown()`.
 """
 
@@ -46,7 +46,7 @@ class Job:
 class JobStream:
     """Async access to one streaming job's chunks; exceptions from the engine re-raise here."""
 
-    def __init__(self, job: Job, queue: asyncio.Queue, owner: JobQueue | BatchQueue) -> None:
+    def __init__(self, job: Job, queue: asyncio.Queue, owner: BatchQueue) -> None:
         self.job = job
         self._queue = queue
         self._owner = owner
@@ -69,129 +69,10 @@ class JobStream:
         self._owner.cancel(self.job)
 
 
-class JobQueue:
-    """FIFO of engine jobs run one at a time on a single worker thread.
-
-    `interrupt` stops whatever the engine is generating (Engine.cancel); it is only ever called while
-    the job it should stop is the one running, so cancelling a queued job never hits another one.
-    """
-
-    def __init__(self, interrupt: Callable[[], None], history: int = 64) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kestrel-engine")
-        self._interrupt = interrupt
-        self._guard = threading.Lock()
-        self._running: Job | None = None
-        self._ids = itertools.count(1)
-        self._waiting = 0
-        self.finished: deque[Job] = deque(maxlen=history)
-
-    # --- what the server calls -----------------------------------------------------------------
-
-    @property
-    def waiting(self) -> int:
-        return self._waiting
-
-    @property
-    def running(self) -> Job | None:
-        return self._running
-
-    def stream(self, kind: str, start: Callable[[], Iterator[Chunk]]) -> JobStream:
-        """Queue a generation; `start` runs in the job's turn on the worker and returns its chunks."""
-        job = Job(next(self._ids), kind)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        def put(item: object) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the event loop closed (server shutting down): nobody is reading
-                pass
-
-        self._waiting += 1
-        self._pool.submit(self._pump, job, start, put)
-        return JobStream(job, queue, self)
-
-    async def run(self, kind: str, fn: Callable[[], T]) -> T:
-        """Run a blocking call (model load/unload) in its turn, so it never overlaps a generation."""
-        job = Job(next(self._ids), kind)
-        self._waiting += 1
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._call, job, fn)
-
-    def cancel(self, job: Job) -> None:
-        """Stop `job`: a queued one is skipped when its turn comes, a running one stops within one
-        decode step; a finished one is left alone. Safe from any thread."""
-        job.cancel_requested.set()
-        with self._guard:
-            if self._running is job:
-                self._interrupt()
-
-    def shutdown(self) -> None:
-        with self._guard:
-            if self._running is not None:
-                self._running.cancel_requested.set()
-                self._interrupt()
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-    # --- worker thread -------------------------------------------------------------------------
-
-    def _begin(self, job: Job) -> bool:
-        self._waiting -= 1
-        with self._guard:
-            if job.cancel_requested.is_set():
-                job.finish_reason = "cancelled"
-                job.ended_at = time.monotonic()
-                self.finished.append(job)
-                return False
-            job.started_at = time.monotonic()
-            self._running = job
-            return True
-
-    def _end(self, job: Job) -> None:
-        with self._guard:
-            self._running = None
-        job.ended_at = time.monotonic()
-        self.finished.append(job)
-
-    def _pump(self, job: Job, start: Callable[[], Iterator[Chunk]], put: Callable[[object], None]) -> None:
-        if not self._begin(job):
-            put(_END)
-            return
-        try:
-            for chunk in start():
-                job.prompt_tokens = chunk.prompt_tokens
-                job.generated_tokens = chunk.generated_tokens
-                if chunk.finish_reason:
-                    job.finish_reason = chunk.finish_reason
-                put(chunk)
-                if job.cancel_requested.is_set():
-                    self._interrupt()  # a cancel that raced the engine's own start-of-run reset
-        except BaseException as e:  # noqa: BLE001 - handed to the request that owns the job
-            job.finish_reason = "error"
-            if not isinstance(e, Exception):
-                log.warning("job %s ended by %s", job.id, type(e).__name__)
-            put(e)
-        finally:
-            self._end(job)
-            put(_END)
-
-    def _call(self, job: Job, fn: Callable[[], Any]) -> Any:
-        if not self._begin(job):
-            raise asyncio.CancelledError()
-        try:
-            result = fn()
-            job.finish_reason = "stop"
-            return result
-        except BaseException:
-            job.finish_reason = "error"
-            raise
-        finally:
-            self._end(job)
-
-
 class BatchQueue:
     """Generation jobs for the engine's continuous-batching scheduler: they all run at once.
 
-    Same surface as JobQueue, except that `stream(kind, submit)` takes a function that submits the
+    One queue for every generation: `stream(kind, submit)` takes a function that submits the
     job to the scheduler with an `emit` callback and returns it (Engine.submit_chat / submit_text).
     The scheduler's thread calls `emit`, which only hands items to the event loop, so a slow reader
     never holds up the engine. Load and unload (`run`) take turns on a worker of their own; unloading
