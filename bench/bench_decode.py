@@ -66,7 +66,9 @@ def bench_backend(folder: str, backend: str, args: argparse.Namespace) -> dict:
 
     decode(16)  # warm-up: allocator, cuBLAS handles, kernel caches
 
-    def timed_eager() -> tuple[float, list[int]]:
+    def timed(step: Callable[[int, int], torch.Tensor]) -> tuple[float, list[int]]:
+        """tok/s of greedy decoding through step(token, position) -> logits; the host reads every
+        token, as a chat does."""
         cache.reset()
         logits = model.forward(prompt, cache, 0, last_only=True)
         tok = int(logits[0, -1].argmax())
@@ -75,24 +77,16 @@ def bench_backend(folder: str, backend: str, args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         for i in range(args.new):
             out.append(tok)
-            logits = model.forward(torch.tensor([[tok]], device="cuda"), cache, args.prompt + i)
-            tok = int(logits[0, -1].argmax())  # the host reads every token, as a chat does
+            tok = int(step(tok, args.prompt + i).argmax())
         return args.new / (time.perf_counter() - t0), out
+
+    def eager_step(tok: int, pos: int) -> torch.Tensor:
+        return model.forward(torch.tensor([[tok]], device="cuda"), cache, pos)[0, -1]
 
     def timed_graph() -> tuple[float, list[int]]:
-        graph = DecodeGraph(model, cache)
-        cache.reset()
-        logits = model.forward(prompt, cache, 0, last_only=True)
-        tok = int(logits[0, -1].argmax())
-        out = []
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for i in range(args.new):
-            out.append(tok)
-            tok = int(graph.step(tok, args.prompt + i).argmax())
-        return args.new / (time.perf_counter() - t0), out
+        return timed(DecodeGraph(model, cache).step)
 
-    eager_tps, token_ids = timed_eager()
+    eager_tps, token_ids = timed(eager_step)
     graph_tps, graph_ids = timed_graph()
     graph_tps = max(graph_tps, timed_graph()[0])
     long_prompt = torch.randint(100, vocab - 100, (1, args.prefill), generator=gen).cuda()
