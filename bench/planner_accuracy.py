@@ -69,7 +69,7 @@ def measure_one(folder: str, context: int, mode: str, chunk: int) -> dict[str, A
         _ = engine.generator.cache                        # allocate the whole cache now
         row["alloc_cache"] = int(mem()) - row["alloc_after_load"]
         n = context - 8                                   # fill the context: the worst case
-        vocab = engine.model.config.vocab_size
+        vocab = min(engine.model.config.vocab_size, engine.tokenizer.vocab_size)  # synthetic models borrow a tokenizer
         ids = torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(0)).tolist()
         base = int(mem())
         torch.cuda.reset_peak_memory_stats()

@@ -18,7 +18,7 @@ def planner(qtbot, smollm2_fp16_dir):
     qtbot.addWidget(view)
     view.resize(720, 520)
     view.show()
-    view.gpu.select_label("8 GB")
+    view.gpu.select_label("4 GB")
     view.set_model_folder(smollm2_fp16_dir)
     return view
 
@@ -32,7 +32,7 @@ def test_slider_moves_bar_and_verdict_goes_from_fits_to_not(qtbot, planner):
     assert planner.verdict.level == FITS and planner.verdict_label.text().startswith("Fits")
     kv_small, total_small = segment(planner, "KV cache"), planner.bar.total
     widths_small = planner.bar.segment_widths(600)
-    assert planner.bar.capacity == 8 * 1024 ** 3 and planner.bar.free < planner.bar.capacity
+    assert planner.bar.capacity == 4 * 1024 ** 3 and planner.bar.free < planner.bar.capacity
     assert "FP16" in planner.max_context_label.text() and "Q4" in planner.max_context_label.text()
     planner.bar.grab()   # paints
 

@@ -1,25 +1,34 @@
 """VRAM estimate for running a model: one function, one documented formula per term.
 
-    total = weights + kv_cache + activations + attention_scores + logits + cuda_context + allocator
+    total = weights + kv_cache + kv_scratch + activations + attention_scores + logits + cuda_context
+            + allocator
 
 weights           Exact tensor bytes from the folder's safetensors headers, or the branch's file sizes on
                   the Hub (slight overestimate: each file's header is counted too), or parameters x bpw
                   for a planned quantization (see weights.quantized_weight_bytes).
-kv_cache          app.engine.cache.kv_bytes_per_token(config, cache_mode) x context x batch: the engine's
-                  own formula, not restated here.
+kv_cache          app.engine.cache.kv_bytes_per_token(config, cache_mode) x context x batch x slots: the
+                  engine's own formula, not restated here. `slots` is how many conversations keep their
+                  cache on the GPU at once (the engine keeps a second one only when memory allows).
+kv_scratch        Quantized modes only: the fp16 read-back buffers shared by all layers (keys and values,
+                  2 x 2 bytes) plus the fp32 key-offset and dequantization temporaries of one layer
+                  (2 x 4 bytes): batch x context x kv_dim x 12. FP16 caches are read in place: 0.
 activations       Scratch for one prefill chunk of c = min(chunk_size, context) tokens, fp16 (2 bytes):
                   batch x c x 2 x (2*hidden [residual, normed] + 2*q_dim [q, attention output]
-                  + 2*kv_dim [new k, v] + 3*intermediate [gate, up, gate*up]).
-attention_scores  One chunk's queries against the whole context: batch x num_heads x c x context x
-                  Overheads.scores_bytes (fp16). This is what PyTorch's math attention path materialises;
-                  flash / memory-efficient kernels do not, so calibration may set scores_bytes to 0.
-logits            batch x c x vocab x 4 bytes (fp32 logits for every position of a chunk: the worst case,
-                  as in perplexity evaluation; chat prefill keeps only the last position's).
-cuda_context      Overheads.cuda_context_bytes: the CUDA context, cuBLAS workspaces and loaded kernels.
+                  + 2*kv_dim [new k, v] + 3*intermediate [gate, up, gate*up]), plus
+                  Overheads.workspace_bytes (cuBLAS workspace, taken from the same allocator).
+attention_scores  Chunked prefill past the first chunk passes SDPA a boolean causal mask of c x context
+                  that it also expands to an additive fp16 mask: batch x c x context x
+                  Overheads.scores_bytes (3) when context > c, else 0 (the first chunk is plain causal).
+                  The scores themselves are never materialised on the GPU (flash / efficient kernels).
+logits            batch x vocab x 4 bytes: chat keeps the fp32 logits of the last position only
+                  (perplexity scoring of a whole chunk needs c times as much; the planner plans chats).
+cuda_context      Overheads.cuda_context_bytes: the CUDA context and loaded kernels (outside torch's
+                  allocator; NVML sees it, torch.cuda.max_memory_allocated does not).
 allocator         Overheads.allocator_fraction x (all tensor terms above) + Overheads.allocator_fixed_bytes:
                   the caching allocator's block rounding and fragmentation.
 
-The three overhead constants are approximate and meant to be calibrated on a real GPU.
+Calibration (docs/MEASUREMENTS.md, "VRAM planner"): measured on an H100 80GB, torch 2.11 + CUDA 13,
+SmolLM2-135M at 2k/8k/32k with fp16/q8/q4 caches.
 """
 
 from __future__ import annotations
@@ -42,12 +51,13 @@ MAX_CONTEXT_SEARCH = 1 << 24   # 16M tokens: an upper bound for the inverse sear
 
 @dataclass(frozen=True)
 class Overheads:
-    """Approximate constants (to be calibrated on the device)."""
+    """Constants measured on the device (module docstring)."""
 
-    cuda_context_bytes: int = 512 * MIB    # torch's CUDA context + cuBLAS workspace is ~0.3-0.6 GiB
+    cuda_context_bytes: int = 700 * MIB    # measured 692 MiB (H100, torch 2.11/CUDA 13) + the decode graph
+    workspace_bytes: int = 32 * MIB        # cuBLAS workspace on Hopper, allocated through torch
     allocator_fraction: float = 0.03       # caching-allocator rounding / fragmentation
     allocator_fixed_bytes: int = 64 * MIB
-    scores_bytes: int = 2                  # bytes per materialised attention score (fp16); 0 = flash
+    scores_bytes: int = 3                  # bytes per causal-mask element (bool + fp16 additive form)
 
 
 DEFAULT_OVERHEADS = Overheads()
@@ -148,6 +158,7 @@ class Estimate:
     batch: int
     weights: int
     kv_cache: int
+    kv_scratch: int
     activations: int
     attention_scores: int
     logits: int
@@ -155,7 +166,7 @@ class Estimate:
     allocator: int
     overheads: Overheads = field(default=DEFAULT_OVERHEADS, repr=False)
 
-    TERMS = ("weights", "kv_cache", "activations", "attention_scores", "logits", "cuda_context", "allocator")
+    TERMS = ("weights", "kv_cache", "kv_scratch", "activations", "attention_scores", "logits", "cuda_context", "allocator")
 
     def terms(self) -> dict[str, int]:
         """Bytes per term, in display order."""
@@ -167,24 +178,26 @@ class Estimate:
 
 
 def estimate(model: ModelSpec, context: int, cache_mode: str, chunk_size: int = 2048, batch: int = 1,
-             overheads: Overheads = DEFAULT_OVERHEADS) -> Estimate:
+             overheads: Overheads = DEFAULT_OVERHEADS, slots: int = 1) -> Estimate:
     """Bytes of GPU memory to run `model` with a cache of `context` tokens (formulas: module docstring)."""
     cache = _cache_module()
     if cache_mode not in cache.CACHE_MODES:
         raise PlannerError(f"unknown cache mode {cache_mode!r}", hint=f"Use one of {', '.join(cache.CACHE_MODES)}.")
-    for label, value in (("context", context), ("chunk size", chunk_size), ("batch", batch)):
+    for label, value in (("context", context), ("chunk size", chunk_size), ("batch", batch), ("slots", slots)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise PlannerError(f"{label} must be a whole number of at least 1, not {value!r}")
     c = model.config
     chunk = min(chunk_size, context)
-    kv = cache.kv_bytes_per_token(c, cache_mode) * context * batch
+    kv = cache.kv_bytes_per_token(c, cache_mode) * context * batch * slots
+    kv_scratch = 0 if cache_mode == "fp16" else batch * context * c.kv_dim * 12
     activations = batch * chunk * 2 * (2 * c.hidden_size + 2 * c.q_dim + 2 * c.kv_dim + 3 * c.intermediate_size)
-    scores = batch * c.num_heads * chunk * context * overheads.scores_bytes
-    logits = batch * chunk * c.vocab_size * 4
-    tensors = model.weight_bytes + kv + activations + scores + logits
+    activations += overheads.workspace_bytes
+    scores = batch * chunk * context * overheads.scores_bytes if context > chunk else 0
+    logits = batch * c.vocab_size * 4
+    tensors = model.weight_bytes + kv + kv_scratch + activations + scores + logits
     allocator = int(tensors * overheads.allocator_fraction) + overheads.allocator_fixed_bytes
-    return Estimate(model, context, cache_mode, chunk_size, batch, model.weight_bytes, kv, activations, scores,
-                    logits, overheads.cuda_context_bytes, allocator, overheads)
+    return Estimate(model, context, cache_mode, chunk_size, batch, model.weight_bytes, kv, kv_scratch, activations,
+                    scores, logits, overheads.cuda_context_bytes, allocator, overheads)
 
 
 def max_context(model: ModelSpec, free_bytes: int, cache_mode: str, chunk_size: int = 2048, batch: int = 1,

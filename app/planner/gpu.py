@@ -40,6 +40,7 @@ class GpuPreset:
 PRESET_RESERVED_BYTES = GIB // 2
 
 GPU_PRESETS: tuple[GpuPreset, ...] = (
+    GpuPreset("4 GB (RTX 3050 Laptop, RTX A500)", 4 * GIB),
     GpuPreset("8 GB (RTX 4060, RTX 3070)", 8 * GIB),
     GpuPreset("12 GB (RTX 3060, RTX 4070)", 12 * GIB),
     GpuPreset("16 GB (RTX 4060 Ti 16 GB, RTX 4080)", 16 * GIB),

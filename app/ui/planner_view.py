@@ -221,11 +221,12 @@ SEGMENT_COLORS = {"Weights": "#4f63f0", "KV cache": "#17a2b8", "Activations": "#
 
 
 def bar_segments(est: Any) -> list[tuple[str, int, str]]:
-    """The estimate's terms in four groups people can read: weights, KV cache, activations (scratch,
-    attention scores, logits of one prefill chunk) and overhead (CUDA context, allocator slack)."""
+    """The estimate's terms in four groups people can read: weights, KV cache, activations (cache
+    read-back scratch, prefill scratch, attention mask, logits) and overhead (CUDA context, allocator slack)."""
     return [("Weights", est.weights, SEGMENT_COLORS["Weights"]),
             ("KV cache", est.kv_cache, SEGMENT_COLORS["KV cache"]),
-            ("Activations", est.activations + est.attention_scores + est.logits, SEGMENT_COLORS["Activations"]),
+            ("Activations", est.kv_scratch + est.activations + est.attention_scores + est.logits,
+             SEGMENT_COLORS["Activations"]),
             ("Overhead", est.cuda_context + est.allocator, SEGMENT_COLORS["Overhead"])]
 
 
