@@ -104,6 +104,30 @@ def test_update_keeps_the_cache_contract(mode: str) -> None:
         cache.update(1, 39, k[:, :2], v[:, :2])
 
 
+def test_recent_tokens_read_back_exactly_and_survive_a_truncate(monkeypatch) -> None:
+    """The latest RECENT_TOKENS positions and the tokens being written come back bit-exact; older
+    ones are the quantized copy. After a truncate, ring slots that newer (now dropped) positions took
+    over are not read: those positions fall back to their quantized copy, never to another token."""
+    import app.engine.kv_quant as kvq
+
+    monkeypatch.setattr(kvq, "RECENT_TOKENS", 8)
+    torch.manual_seed(3)
+    cache = KVCache.allocate(config(64), 64, "cpu", torch.float16, mode="q4")
+    k, v = torch.randn(1, 40, 3, 64).half(), torch.randn(1, 40, 3, 64).half()
+    for pos in range(30):                                   # decode: one token at a time
+        kb, vb = cache.update(0, pos, k[:, pos:pos + 1], v[:, pos:pos + 1])
+    assert torch.equal(kb[:, 22:30], k[:, 22:30]) and torch.equal(vb[:, 22:30], v[:, 22:30])
+    assert torch.equal(kb[:, :4], k[:, :4])                 # attention sinks
+    older = slice(4, 22)
+    assert not torch.equal(kb[:, older], k[:, older])       # quantized, but close
+    assert ((kb[:, older].float() - k[:, older].float()).norm() / k[:, older].float().norm()) < 0.2
+    cache.truncate(25)                                      # positions 25..29 dropped (they hold ring slots)
+    kb, vb = cache.update(0, 25, k[:, 35:36], v[:, 35:36])  # a different token at 25
+    assert torch.equal(kb[:, 25], k[:, 35]) and torch.equal(kb[:, 22:25], k[:, 22:25])
+    err = (kb[:, 17:22].float() - k[:, 17:22].float()).norm() / k[:, 17:22].float().norm()
+    assert 0 < err < 0.2                                    # slots of 17..21 were reused: quantized copy
+
+
 @pytest.fixture(scope="module")
 def engine(smollm2_fp16_dir) -> Engine:
     return Engine.load(smollm2_fp16_dir, "cpu", max_seq_len=1024)
@@ -160,3 +184,18 @@ def test_next_token_distributions_stay_close_to_the_fp16_cache(engine, reference
         confident = (top2[:, 0] - top2[:, 1]) > 0.2
         agree = (got.argmax(-1) == ref.argmax(-1))[confident].float().mean()
         assert confident.sum() > 10 and agree >= 0.99, f"{mode}: argmax agreement {agree:.3f} where fp16 is confident"
+
+
+def test_fixed_overhead_is_what_the_planner_counts() -> None:
+    """Beyond the per-token storage: the exact sink/recent copies and key means (planner's kv_scratch
+    counts these plus the read-back buffers and one layer's temporaries)."""
+    from app.engine.kv_quant import EXACT_TOKENS, RECENT_TOKENS
+
+    cfg = config(64, kv_heads=3, layers=3)
+    cache = KVCache.allocate(cfg, 100, "cpu", torch.float16, mode="q8")
+    k = torch.randn(1, 10, 3, 64).half()
+    for layer in range(3):
+        cache.update(layer, 0, k, k)
+    kv_dim = 3 * 64
+    exact = 3 * kv_dim * 2 * (2 * (EXACT_TOKENS + RECENT_TOKENS) + 1)
+    assert cache.overhead_bytes() == exact + 2 * 100 * kv_dim * 2

@@ -96,7 +96,10 @@ def test_activation_terms_follow_the_documented_formulas(smollm2_fp16_dir: str) 
     assert e.logits == 2 * c.vocab_size * 4                   # chat: the last position's logits only
     assert e.kv_scratch == 0                                  # fp16 caches are read in place
     q4 = estimate(spec, 8192, "q4", chunk_size=512, batch=2)
-    assert q4.kv_scratch == 2 * 8192 * c.kv_dim * 12          # fp16 read-back + fp32 temporaries
+    from app.engine.kv_quant import EXACT_TOKENS, RECENT_TOKENS
+
+    exact = 2 * c.num_layers * c.kv_dim * 2 * (2 * (EXACT_TOKENS + RECENT_TOKENS) + 1)
+    assert q4.kv_scratch == 2 * 8192 * c.kv_dim * 12 + exact  # read-back + temporaries + exact tokens
     short = estimate(spec, 100, "fp16", chunk_size=512)       # one chunk holds it all: plain causal, no mask
     assert short.attention_scores == 0
     no_mask = estimate(spec, 8192, "fp16", overheads=Overheads(scores_bytes=0))

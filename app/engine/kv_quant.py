@@ -16,12 +16,14 @@ before quantizing and added back after. On the fixture this took the Q4 keys' pe
 
 The first EXACT_TOKENS positions are also kept in fp16 beside the quantized copy: most heads put
 much of their attention on them (attention sinks), so their error would reach every later token.
+So are the latest RECENT_TOKENS positions (a ring per layer) and the tokens being written: the
+quantized copy is only read for positions further back, where attention is thinner.
 
 Packing: Q8 one value per byte, Q6 four values in three bytes, Q4 two per byte. Storage per layer
 is one uint8 tensor and one fp16 scale tensor for keys and the same for values, so the bytes held
 are exactly max_seq_len * kv_bytes_per_token(config, mode) (times batch). Outside that count: the
-key means and fp16 sink tokens (num_layers * num_kv_heads * head_dim * (1 + 2 * EXACT_TOKENS) values)
-and the fp16 read-back buffers below.
+key means, fp16 sink and recent tokens (num_layers * num_kv_heads * head_dim * (1 + 2 * (EXACT_TOKENS
++ RECENT_TOKENS)) values) and the fp16 read-back buffers below.
 
 `update` keeps the KVCache contract: it returns fp16 views of the whole valid span, dequantized into
 one fp16 buffer per cache that all layers share (layers run one after another, and attention reads
@@ -38,6 +40,7 @@ from .cache import CACHE_GROUP_SIZE as GROUP  # cache imports this module lazily
 
 MEAN_TOKENS = 32  # keys after position 0 whose pre-RoPE mean centres the rest (measured best of 32 / all)
 EXACT_TOKENS = 4  # the first positions (attention sinks: most heads attend to them heavily) kept in fp16
+RECENT_TOKENS = 64  # the latest positions, kept in fp16 too: nearby tokens draw much of the attention
 
 
 def hadamard(n: int = GROUP) -> torch.Tensor:
@@ -141,6 +144,11 @@ class QuantKVCache:
         sink = (batch, min(self.exact, max_seq_len), num_kv_heads, head_dim)
         self.sink_keys = [torch.zeros(sink, dtype=dtype, device=device) for _ in range(num_layers)]
         self.sink_values = [torch.zeros(sink, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.recent = RECENT_TOKENS
+        ring = (batch, self.recent, num_kv_heads, head_dim)
+        self.recent_keys = [torch.zeros(ring, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.recent_values = [torch.zeros(ring, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.ring_end = [0] * num_layers  # per layer: 1 + the last position written into the ring
         self._k_buf: torch.Tensor | None = None  # shared fp16 read-back buffers, made on first use
         self._v_buf: torch.Tensor | None = None
         self._shape = shape
@@ -149,7 +157,8 @@ class QuantKVCache:
     def overhead_bytes(self) -> int:
         """Bytes outside the per-token formula: key means and the fp16 read-back buffers."""
         extra = sum(m.numel() * m.element_size() for m in self.key_means if m is not None)
-        extra += sum(t.numel() * t.element_size() for t in self.sink_keys + self.sink_values)
+        extra += sum(t.numel() * t.element_size()
+                     for t in self.sink_keys + self.sink_values + self.recent_keys + self.recent_values)
         return extra + sum(b.numel() * b.element_size() for b in (self._k_buf, self._v_buf) if b is not None)
 
     def storage_bytes(self) -> int:
@@ -232,4 +241,19 @@ class QuantKVCache:
         n = min(end, self.exact)
         kb[:, :n] = self.sink_keys[layer][:, :n]
         vb[:, :n] = self.sink_values[layer][:, :n]
+        # recent positions before this write, from the ring (after a truncate, newer writes may have
+        # taken the slots of older positions: only the last `recent` below ring_end are still there)
+        lo = max(n, start - self.recent, self.ring_end[layer] - self.recent)
+        if lo < start:
+            slots = torch.arange(lo, start, device=k.device) % self.recent
+            kb[:, lo:start] = self.recent_keys[layer][:, slots]
+            vb[:, lo:start] = self.recent_values[layer][:, slots]
+        kb[:, start:end] = k                      # the tokens being written: exact
+        vb[:, start:end] = v
+        keep = min(end - start, self.recent)      # remember the latest of them in the ring
+        if keep:
+            slots = torch.arange(end - keep, end, device=k.device) % self.recent
+            self.recent_keys[layer][:, slots] = k[:, -keep:]
+            self.recent_values[layer][:, slots] = v[:, -keep:]
+            self.ring_end[layer] = end
         return kb[:, :end], vb[:, :end]
