@@ -156,6 +156,7 @@ def main() -> int:
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--modes", default="fp16,q8,q6,q4")
     ap.add_argument("--skip-chat", action="store_true")
+    ap.add_argument("--skip-modes", action="store_true", help="only the 10-turn chat")
     ap.add_argument("--ppl-chunk", type=int, default=128,
                     help="prefill chunk for the perplexity pass: the tokens being written and the latest 64 "
                          "are read exact, so small chunks score what decoding sees (2048 would flatter Q4)")
@@ -168,7 +169,8 @@ def main() -> int:
                     "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
     if not args.skip_chat:
         result["chat"] = chat_bench(engine, args)
-    result["cache_modes"] = cache_bench(engine, args)
+    if not args.skip_modes:
+        result["cache_modes"] = cache_bench(engine, args)
     result["seconds"] = time.perf_counter() - t0
     print(f"\ntotal {result['seconds']:.1f} s")
     out = os.environ.get("OUT")
