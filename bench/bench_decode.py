@@ -4,7 +4,8 @@ For each EXL2 folder and backend: decode tok/s (batch 1, 128-token prompt, 256 n
 the host reading every token as a chat does, after a warm-up; through the captured CUDA graph, and
 eagerly for comparison), prefill tok/s (2048-token prompt, best of 3 after a warm-up),
 peak VRAM, and how many greedy tokens agree with the torch backend. Then a kernel-level table: the
-gemv alone against F.linear on the dequantized weight for Llama-size layers, with achieved GB/s.
+gemv alone against F.linear on the dequantized weight for Llama-size layers, with achieved GB/s
+(one row: the half2 gemv, and the exact fp32 one as exact_us).
 exllamav2 side by side: add a runner to EXTRA_RUNNERS (same signature as bench_backend).
 
 usage: python bench/bench_decode.py DIR [DIR ...] [--out results.json] [--backends torch,cuda]
@@ -163,6 +164,11 @@ def bench_kernels(args: argparse.Namespace) -> list[dict]:
                     t_q = graph_time(lambda: be.linear(x, lin))  # noqa: B023
                     row[f"gemv_us@{bps}"] = round(t_q * 1e6, 1)
                     row[f"GBps@{bps}"] = round(nbytes / t_q / 1e9, 1)
+                    if m == 1 and not be.gemv_exact:  # gemv_us is the half2 kernel: the exact one too
+                        be.gemv_exact = True
+                        t_e = graph_time(lambda: be.linear(x, lin))  # noqa: B023
+                        be.gemv_exact = False
+                        row[f"exact_us@{bps}"] = round(t_e * 1e6, 1)
                 rows_out.append(row)
     be.ext.set_gemv_blocks_per_sm(4)
     return rows_out

@@ -6,6 +6,12 @@ codes, fp16(q_scale_max/256) per group and a table of 32-row tiles. Decode (1..3
 gemv kernel, which reads every weight byte once; longer inputs dequantize into an fp16 temp buffer
 (bit-exact with Exl2Tensors.dequantize) and run cuBLAS. Dense layers keep an fp16 weight.
 
+With KESTREL_GEMV_EXACT=0 (read once, at import) one row of x (batch-1 decode) goes to the half2
+gemv (csrc/exl2_gemv_half2.cu): codes decoded two per instruction and dotted with x in fp16
+arithmetic, 8 products per partial sum, group scales and the sum over tiles in fp32; relative error
+about 1e-3 of the output instead of fp32 rounding. It is opt-in until it has run on a GPU; by
+default, and always for 2..32 rows, the exact fp32 kernel runs.
+
 One workspace per backend (fp32 partial sums + per-column-strip counters) is shared by all layers:
 kernels on one CUDA stream run one after another, so the model must run on a single stream.
 """
@@ -13,6 +19,7 @@ kernels on one CUDA stream run one after another, so the model must run on a sin
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -30,6 +37,9 @@ GEMV_THREADS = 64        # must match exl2_kernels.cuh
 COLS_PER_BLOCK = GEMV_THREADS * 4
 TILE_ROWS = 32
 DEQUANT_TEMP_ELEMS = 32 * 1024 * 1024  # fp16 temp buffer cap for the prefill path (64 MiB)
+# Batch-1 decode uses the exact fp32 gemv unless KESTREL_GEMV_EXACT=0 opts in to the half2 one: the
+# half2 kernel compiles and passes its CPU checks but has not yet been run on a GPU (docs/MEASUREMENTS.md).
+GEMV_EXACT = os.environ.get("KESTREL_GEMV_EXACT", "1") != "0"
 
 
 def extension_status() -> tuple[bool, str]:
@@ -115,6 +125,8 @@ class CudaBackend(TorchBackend):
         self._counters = torch.zeros(0, dtype=torch.int32, device=device)
         index = device.index if device.index is not None else torch.cuda.current_device()
         self._sms = torch.cuda.get_device_properties(index).multi_processor_count
+        # One row of x: the half2 gemv only with KESTREL_GEMV_EXACT=0 and an extension that has it.
+        self.gemv_exact = GEMV_EXACT or not hasattr(self.ext, "exl2_gemv_half2")
 
     # --- weights -------------------------------------------------------------------------------
 
@@ -182,6 +194,10 @@ class CudaBackend(TorchBackend):
         rows = x2.shape[0]
         out = torch.empty(rows, p.out_features, dtype=torch.float16, device=x2.device)
         b = bias if bias is not None else torch.empty(0, dtype=torch.float16, device=x2.device)
+        if rows == 1 and not self.gemv_exact:
+            self.ext.exl2_gemv_half2(x2, p.perm, p.qweight, p.qscale, p.step, p.tiles, b, self._acc,
+                                     self._counters, out)
+            return out
         for r0 in range(0, rows, GEMV_ROWS):
             r1 = min(rows, r0 + GEMV_ROWS)
             self.ext.exl2_gemv(x2[r0:r1], p.perm, p.qweight, p.qscale, p.step, p.tiles, b, self._acc,

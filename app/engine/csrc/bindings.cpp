@@ -6,6 +6,9 @@ namespace kestrel {
 void exl2_gemv(torch::Tensor x, torch::Tensor perm, torch::Tensor qweight, torch::Tensor qscale,
                torch::Tensor step, torch::Tensor tiles, torch::Tensor bias, torch::Tensor acc_ws,
                torch::Tensor counters, torch::Tensor out);
+void exl2_gemv_half2(torch::Tensor x, torch::Tensor perm, torch::Tensor qweight, torch::Tensor qscale,
+                     torch::Tensor step, torch::Tensor tiles, torch::Tensor bias, torch::Tensor acc_ws,
+                     torch::Tensor counters, torch::Tensor out);
 void exl2_dequant(torch::Tensor qweight, torch::Tensor qscale, torch::Tensor step, torch::Tensor tiles,
                   int64_t K, int64_t n0, torch::Tensor out);
 void set_gemv_blocks_per_sm(int64_t n);
@@ -22,6 +25,8 @@ torch::Tensor rope_cache_decode(torch::Tensor q, torch::Tensor k, torch::Tensor 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Kestrel CUDA kernels: EXL2 gemv/dequant, RMSNorm, SiLU*mul, RoPE, decode attention";
   m.def("exl2_gemv", &kestrel::exl2_gemv, "EXL2 matrix-vector product for 1..8 rows (writes out)");
+  m.def("exl2_gemv_half2", &kestrel::exl2_gemv_half2,
+        "EXL2 matrix-vector product for one row in half2 arithmetic (fast decode path, not bit-exact)");
   m.def("exl2_dequant", &kestrel::exl2_dequant, "EXL2 columns [n0, n0+out.shape[1]) to fp16 (K, ncols), quant order");
   m.def("set_gemv_blocks_per_sm", &kestrel::set_gemv_blocks_per_sm, "gemv K-split target (blocks per SM)");
   m.def("rms_norm", &kestrel::rms_norm, "RMSNorm; with a non-empty residual, x += residual in place first");

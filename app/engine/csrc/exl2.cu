@@ -14,6 +14,7 @@ extern template void launch_gemv<5>(const GemvArgs&);
 extern template void launch_gemv<6>(const GemvArgs&);
 extern template void launch_gemv<7>(const GemvArgs&);
 extern template void launch_gemv<8>(const GemvArgs&);
+void launch_gemv_half2(const GemvArgs& a);  // exl2_gemv_half2.cu
 
 template <int BITS>
 __device__ __forceinline__ void dequant_tile(const int4 (&w)[8], const float (&scale)[4], half* __restrict__ out,
@@ -93,9 +94,11 @@ static void check_layout(const torch::Tensor& qweight, const torch::Tensor& qsca
               "tiles must be a contiguous CUDA int32 (T, 2) tensor");
 }
 
-void exl2_gemv(torch::Tensor x, torch::Tensor perm, torch::Tensor qweight, torch::Tensor qscale,
-               torch::Tensor step, torch::Tensor tiles, torch::Tensor bias, torch::Tensor acc_ws,
-               torch::Tensor counters, torch::Tensor out) {
+// Argument checks and the launch geometry shared by the exact gemv and the batch-1 half2 gemv.
+static GemvArgs gemv_args(const torch::Tensor& x, const torch::Tensor& perm, const torch::Tensor& qweight,
+                          const torch::Tensor& qscale, const torch::Tensor& step, const torch::Tensor& tiles,
+                          const torch::Tensor& bias, const torch::Tensor& acc_ws, const torch::Tensor& counters,
+                          const torch::Tensor& out, size_t smem_per_row) {
   check_layout(qweight, qscale, step, tiles);
   TORCH_CHECK(x.is_cuda() && x.scalar_type() == torch::kHalf && x.dim() == 2 && x.stride(1) == 1,
               "x must be a CUDA fp16 (M, K) tensor with unit column stride");
@@ -118,7 +121,6 @@ void exl2_gemv(torch::Tensor x, torch::Tensor perm, torch::Tensor qweight, torch
   if (has_perm) TORCH_CHECK(perm.scalar_type() == torch::kInt32 && perm.numel() == K, "perm must be int32 (K,)");
   if (has_bias) TORCH_CHECK(bias.scalar_type() == torch::kHalf && bias.numel() >= N, "bias must be fp16 (N,)");
 
-  const c10::cuda::CUDAGuard guard(x.device());
   // Enough blocks to keep every SM busy (g_blocks_per_sm each), but x chunks no longer than 1024 rows.
   const int sms = sm_count(x.get_device());
   // One row of x does too little arithmetic per weight byte to hide latency at 4 blocks per SM: twice
@@ -129,18 +131,26 @@ void exl2_gemv(torch::Tensor x, torch::Tensor perm, torch::Tensor qweight, torch
   tiles_per_chunk = std::min(tiles_per_chunk, MAX_TILES_PER_CHUNK);
   const int chunks = (num_tiles + tiles_per_chunk - 1) / tiles_per_chunk;
   const dim3 grid(col_blocks, chunks);
-  const size_t smem = (size_t)M * tiles_per_chunk * TILE_ROWS * sizeof(float);
+  const size_t smem = (size_t)M * tiles_per_chunk * TILE_ROWS * smem_per_row;
   auto stream = c10::cuda::getCurrentCUDAStream();
 
-GemvArgs args{reinterpret_cast<const half*>(x.data_ptr<at::Half>()), (int)x.stride(0),
-                has_perm ? perm.data_ptr<int>() : nullptr, reinterpret_cast<const int4*>(qweight.data_ptr<int>()),
-                reinterpret_cast<const uint32_t*>(qscale.data_ptr<int>()), step.data_ptr<float>(),
-                reinterpret_cast<const int2*>(tiles.data_ptr<int>()),
-                has_bias ? reinterpret_cast<const half*>(bias.data_ptr<at::Half>()) : nullptr,
-                acc_ws.data_ptr<float>(), reinterpret_cast<unsigned*>(counters.data_ptr<int>()),
-                reinterpret_cast<half*>(out.data_ptr<at::Half>()), (int)out.stride(0), K, N, Np, num_tiles,
-                tiles_per_chunk, grid, smem, stream};
-  switch (M) {
+  return GemvArgs{reinterpret_cast<const half*>(x.data_ptr<at::Half>()), (int)x.stride(0),
+                  has_perm ? perm.data_ptr<int>() : nullptr, reinterpret_cast<const int4*>(qweight.data_ptr<int>()),
+                  reinterpret_cast<const uint32_t*>(qscale.data_ptr<int>()), step.data_ptr<float>(),
+                  reinterpret_cast<const int2*>(tiles.data_ptr<int>()),
+                  has_bias ? reinterpret_cast<const half*>(bias.data_ptr<at::Half>()) : nullptr,
+                  acc_ws.data_ptr<float>(), reinterpret_cast<unsigned*>(counters.data_ptr<int>()),
+                  reinterpret_cast<half*>(out.data_ptr<at::Half>()), (int)out.stride(0), K, N, Np, num_tiles,
+                  tiles_per_chunk, grid, smem, stream};
+}
+
+void exl2_gemv(torch::Tensor x, torch::Tensor perm, torch::Tensor qweight, torch::Tensor qscale,
+               torch::Tensor step, torch::Tensor tiles, torch::Tensor bias, torch::Tensor acc_ws,
+               torch::Tensor counters, torch::Tensor out) {
+  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const GemvArgs args = gemv_args(x, perm, qweight, qscale, step, tiles, bias, acc_ws, counters, out, sizeof(float));
+  switch (x.size(0)) {
     case 1: launch_gemv<1>(args); break;
     case 2: launch_gemv<2>(args); break;
     case 3: launch_gemv<3>(args); break;
@@ -151,6 +161,18 @@ GemvArgs args{reinterpret_cast<const half*>(x.data_ptr<at::Half>()), (int)x.stri
     case 8: launch_gemv<8>(args); break;
     default: break;
   }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// One row of x, half2 arithmetic (exl2_gemv_half2.cu): not bit-exact, about fp16-accumulation accurate.
+void exl2_gemv_half2(torch::Tensor x, torch::Tensor perm, torch::Tensor qweight, torch::Tensor qscale,
+                     torch::Tensor step, torch::Tensor tiles, torch::Tensor bias, torch::Tensor acc_ws,
+                     torch::Tensor counters, torch::Tensor out) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1, "exl2_gemv_half2 takes exactly one row of x");
+  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const GemvArgs args = gemv_args(x, perm, qweight, qscale, step, tiles, bias, acc_ws, counters, out, sizeof(half));
+  launch_gemv_half2(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
