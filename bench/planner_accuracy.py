@@ -5,8 +5,8 @@
 
 Each (model, context, cache mode) runs in a fresh subprocess, so every measurement includes the
 CUDA context exactly once, as the estimate does. In the child: NVML used memory before; load with
-app.engine.Engine on cuda with max_seq_len=context; allocate the cache; prefill one chunk of
-`chunk` tokens (min(chunk, context)) and take one decode step; then record
+app.engine.Engine on cuda with max_seq_len=context; allocate the cache; prefill context - 8 tokens in
+chunks of `chunk` (the worst case: the whole context in use) and take a few decode steps; then record
 torch.cuda.max_memory_allocated (tensors only: compare with the estimate minus its CUDA-context term)
 and the NVML used-memory delta (everything the process holds: compare with the estimate's total).
 Cache modes the engine cannot allocate yet are reported as skipped.
@@ -61,21 +61,29 @@ def measure_one(folder: str, context: int, mode: str, chunk: int) -> dict[str, A
     device = torch.cuda.current_device()
     before = nvml_used(device)
     t0 = time.perf_counter()
+    mem = torch.cuda.memory_allocated
     try:
         engine = Engine.load(folder, "cuda", max_seq_len=context, cache_mode=mode)
         engine.generator.prefill_chunk = chunk
+        row["alloc_after_load"] = int(mem())              # weights as prepared for the kernels
         _ = engine.generator.cache                        # allocate the whole cache now
-        n = min(chunk, context - 1)
+        row["alloc_cache"] = int(mem()) - row["alloc_after_load"]
+        n = context - 8                                   # fill the context: the worst case
         vocab = engine.model.config.vocab_size
         ids = torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(0)).tolist()
-        for _c in engine.generator.stream(ids, GenerationSettings(max_new_tokens=1, stop_on_eos=False)):
+        base = int(mem())
+        torch.cuda.reset_peak_memory_stats()
+        # a prefill of the whole context in chunks, then a few decode steps (CUDA-graph capture included), as a chat does
+        for _c in engine.generator.stream(ids, GenerationSettings(max_new_tokens=4, stop_on_eos=False)):
             pass
         torch.cuda.synchronize()
+        row["step_peak_extra"] = int(torch.cuda.max_memory_allocated()) - base
+        row["alloc_after_steps"] = int(mem())
     except KestrelError as e:
         row["skipped"] = str(e)
         return row
     row["seconds"] = round(time.perf_counter() - t0, 2)
-    row["max_allocated"] = int(torch.cuda.max_memory_allocated())
+    row["max_allocated"] = base + row["step_peak_extra"]
     row["max_reserved"] = int(torch.cuda.max_memory_reserved())
     after = nvml_used(device)
     row["nvml_delta"] = after - before if after is not None and before is not None else None

@@ -123,12 +123,40 @@ def test_perplexity_change_vs_fp16_cache(engine, fp16_ppl, mode: str) -> None:
     assert abs(change) <= PPL_LIMIT[mode], f"{mode}: {ppl:.4f} vs {base:.4f} ({change:+.2f}%)"
 
 
-@pytest.mark.parametrize("mode", ["q8", pytest.param("q4", marks=pytest.mark.xfail(
-    strict=True, reason="known: with key centring the Q4 cache changes the first token on this chat-template "
-                        "prompt (perplexity on plain text is within target); see the report on issue #9"))])
+# Greedy text is only checked for Q8: on this chat prompt the fp16 model's first token is a near tie
+# ("The" 0.152 vs "L" 0.140), so any cache error of Q6/Q4 size may flip it while the distribution stays
+# close. The distributions themselves are checked for every mode below.
+@pytest.mark.parametrize("mode", ["q8"])
 def test_greedy_decode_with_a_quantized_cache_is_sensible(smollm2_fp16_dir, reference_dir, mode: str) -> None:
     engine = Engine.load(smollm2_fp16_dir, "cpu", max_seq_len=256, cache_mode=mode)
     assert engine.info.cache_mode == mode
     prompt = np.load(reference_dir / "prompt_ids.npy")[0].tolist()
     text, last = engine.generator.generate(prompt, GenerationSettings(max_new_tokens=12, samplers={"temperature": 0}))
     assert "Paris" in text and last.finish_reason in ("stop", "length")
+
+
+# KL(fp16 cache || quantized cache) of the next-token distribution, mean over positions; measured on
+# the fixture: q8 0.00007, q6 0.0026, q4 0.027 (chat prompt) and 0.00006 / 0.0010 / 0.015 (text row).
+KL_LIMIT = {"q8": 0.001, "q6": 0.01, "q4": 0.05}
+
+
+@pytest.mark.parametrize("mode", ["q8", "q6", "q4"])
+def test_next_token_distributions_stay_close_to_the_fp16_cache(engine, reference_dir, mode: str) -> None:
+    """Per position of the chat prompt and a text row: small KL, and the same argmax wherever fp16 is
+    confident (top-1 ahead of top-2 by more than 0.2)."""
+    model = engine.model
+    prompts = [np.load(reference_dir / "prompt_ids.npy")[0].tolist(), np.load(reference_dir / "ppl_ids.npy")[0].tolist()]
+    for ids in prompts:
+        logprobs = {}
+        for m in ("fp16", mode):
+            with torch.no_grad():
+                cache = model.allocate_cache(len(ids) + 8, mode=m)
+                logits = model.forward(torch.tensor([ids]), cache, 0).float().reshape(len(ids), -1)
+            logprobs[m] = logits.log_softmax(-1)
+        ref, got = logprobs["fp16"], logprobs[mode]
+        kl = (ref.exp() * (ref - got)).sum(-1)
+        assert kl.mean() < KL_LIMIT[mode], f"{mode}, {len(ids)} tokens: mean KL {kl.mean():.5f}"
+        top2 = ref.exp().topk(2).values
+        confident = (top2[:, 0] - top2[:, 1]) > 0.2
+        agree = (got.argmax(-1) == ref.argmax(-1))[confident].float().mean()
+        assert confident.sum() > 10 and agree >= 0.99, f"{mode}: argmax agreement {agree:.3f} where fp16 is confident"
