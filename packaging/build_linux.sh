@@ -55,7 +55,9 @@ if [ "$PIP" = 1 ]; then
     "$PY" -m pip install --quiet -e "$REPO" "pyinstaller>=6.6"
 fi
 "$PY" -c "import torch; print('== torch', torch.__version__, 'CUDA', torch.version.cuda)"
-ls "$REPO"/app/engine/kestrel_cuda*.so >/dev/null 2>&1 && echo "== CUDA extension: $(ls "$REPO"/app/engine/kestrel_cuda*.so)" \
+# Every dependency in pyproject.toml installed (--reuse-venv installs nothing), the extension's state.
+"$PY" "$PKG/check_venv.py"
+ls "$REPO"/app/engine/kestrel_cuda*.so >/dev/null 2>&1 && echo "== the spec bundles $(ls "$REPO"/app/engine/kestrel_cuda*.so)" \
     || echo "== no CUDA extension built (app/engine/kestrel_cuda*.so): the bundle will use the PyTorch path"
 
 # 2. The bundle.

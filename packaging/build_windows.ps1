@@ -47,8 +47,11 @@ if (-not $ReuseVenv) {
 }
 & $Py -c "import torch; print('== torch', torch.__version__, 'CUDA', torch.version.cuda)"
 $Ext = Get-ChildItem (Join-Path $Repo "app\engine\kestrel_cuda*.pyd") -ErrorAction SilentlyContinue
-if ($Ext) { Write-Host "== CUDA extension: $($Ext.FullName)" }
+if ($Ext) { Write-Host "== the spec bundles $($Ext.FullName)" }
 else { Write-Host "== no CUDA extension built (app\engine\kestrel_cuda*.pyd): the bundle will use the PyTorch path" }
+# Every dependency in pyproject.toml installed (-ReuseVenv installs nothing), the extension's state.
+& $Py (Join-Path $Pkg "check_venv.py")
+if ($LASTEXITCODE -ne 0) { throw "the build venv lacks dependencies (see above)" }
 
 # 2. The bundle (the spec adds the icon and the version resource on Windows).
 $Timer = [Diagnostics.Stopwatch]::StartNew()

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -83,3 +85,29 @@ def test_setup_py_skips_the_build_for_a_cpu_torch() -> None:
     assert out.returncode == 0, out.stderr
     assert "EXT None" in out.stdout and "CPU-only build" in out.stderr
     assert not _ext_build.STATUS_FILE.exists()
+
+
+def test_functions_list_matches_the_bindings() -> None:
+    """_ext_build.FUNCTIONS is what decides whether a prebuilt module is current: it must name every m.def."""
+    text = (REPO / "app" / "engine" / "csrc" / "bindings.cpp").read_text(encoding="utf-8")
+    assert sorted(re.findall(r'm\.def\("(\w+)"', text)) == sorted(_ext_build.FUNCTIONS)
+
+
+def test_a_prebuilt_extension_from_older_sources_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calling a function it lacks would fail mid-generation; the engine takes the PyTorch path and says why."""
+    stale = types.SimpleNamespace(**{name: len for name in _ext_build.FUNCTIONS if name != "rope_cache_decode"})
+    real_import = _ext_build.importlib.import_module
+    monkeypatch.setattr(_ext_build.importlib, "import_module",
+                        lambda name, *a: stale if name == f"app.engine.{_ext_build.EXT_NAME}" else real_import(name, *a))
+    monkeypatch.setattr(_ext_build, "built_module_path", lambda: "/b/kestrel_cuda.so")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("KESTREL_JIT", raising=False)
+    mod, why = _ext_build._locate()
+    assert mod is None
+    assert why == ("the built extension does not load (it was built from older sources: lacks rope_cache_decode); "
+                   "reinstall Kestrel with `pip install -e .` to rebuild it")
+    current = types.SimpleNamespace(**{name: len for name in _ext_build.FUNCTIONS})
+    monkeypatch.setattr(_ext_build.importlib, "import_module",
+                        lambda name, *a: current if name == f"app.engine.{_ext_build.EXT_NAME}" else real_import(name, *a))
+    assert _ext_build._locate() == (current, "prebuilt extension")

@@ -131,6 +131,7 @@ def script_steps(text: str) -> dict[str, object]:
         "archive of the folder": bool(re.search(r"tar -C|Compress-Archive", text)),
         "can reuse the build venv": bool(re.search(r"--reuse-venv\)|\[switch\]\$ReuseVenv", text)),
         "names the built extension": "kestrel_cuda*" in text,
+        "checks the build venv": "check_venv.py" in text,
     }
 
 
@@ -139,6 +140,79 @@ def test_windows_build_script_parallels_the_linux_one() -> None:
     windows = script_steps((PKG / "build_windows.ps1").read_text(encoding="utf-8"))
     assert linux["pyinstaller requirement"] and linux["pyinstaller flags"]
     assert windows == linux
+
+
+def load_check_venv() -> types.ModuleType:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_venv", PKG / "check_venv.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_check_venv_names_missing_and_out_of_range_dependencies(tmp_path: Path) -> None:
+    """With --reuse-venv nothing is installed: a dependency added to pyproject.toml since the venv was made
+    must stop the build (PyInstaller would leave it out and the feature would fail only when used)."""
+    check_venv = load_check_venv()
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text('[project]\nname = "x"\ndependencies = ["pytest>=1", "kestrel-no-such-package>=1.0", '
+                         '"pytest>=999", "kestrel-other-platform; sys_platform == \'no-such-os\'"]\n')
+    pytest_version = importlib.metadata.version("pytest")
+    assert check_venv.problems(pyproject) == [
+        "kestrel-no-such-package is not installed (needs kestrel-no-such-package>=1.0)",
+        f"pytest {pytest_version} is installed (needs pytest>=999)"]
+    assert check_venv.problems(REPO / "pyproject.toml") == []     # this test environment has them all
+
+
+def test_check_venv_prints_the_extension_state() -> None:
+    out = subprocess.run([sys.executable, str(PKG / "check_venv.py")], capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "== CUDA extension: " in out.stdout
+
+
+def test_self_test_reports_the_extension_state(tmp_path: Path) -> None:
+    """--self-test (what build_linux.sh runs on the built bundle) says whether the compiled extension is
+    there, imports and has every function, besides the backend; exit 0 without a GPU too."""
+    from app.engine import _ext_build
+
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
+    out = subprocess.run([sys.executable, str(REPO / "main.py"), "--self-test", "--db", str(tmp_path / "c.sqlite3"),
+                          "--config-dir", str(tmp_path / "config")], capture_output=True, text=True, timeout=120,
+                         cwd=REPO, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert any(line.startswith("backend: ") for line in lines), out.stdout
+    assert f"extension: {_ext_build.import_state()}" in lines, out.stdout
+
+
+def test_extension_import_state_in_words(monkeypatch) -> None:
+    from app.engine import _ext_build
+
+    monkeypatch.setattr(_ext_build, "built_module_path", lambda: None)
+    assert _ext_build.import_state() == _ext_build.build_state()
+    monkeypatch.setattr(_ext_build, "built_module_path", lambda: "/b/kestrel_cuda.so")
+    real_import = _ext_build.importlib.import_module
+    modules: dict[str, object] = {}
+
+    def fake_import(name: str, *args: Any) -> object:
+        if name == f"app.engine.{_ext_build.EXT_NAME}":
+            if isinstance(modules["ext"], Exception):
+                raise modules["ext"]
+            return modules["ext"]
+        return real_import(name, *args)
+
+    monkeypatch.setattr(_ext_build.importlib, "import_module", fake_import)
+    modules["ext"] = types.SimpleNamespace(**{name: len for name in _ext_build.FUNCTIONS})
+    assert _ext_build.import_state() == (f"present (/b/kestrel_cuda.so), imports with all "
+                                         f"{len(_ext_build.FUNCTIONS)} functions")
+    modules["ext"] = types.SimpleNamespace(**{name: len for name in _ext_build.FUNCTIONS[:-2]})
+    assert _ext_build.import_state() == ("present (/b/kestrel_cuda.so), imports, but is older than its "
+                                         f"sources: lacks {', '.join(_ext_build.FUNCTIONS[-2:])}")
+    modules["ext"] = ImportError("libc10_cuda.so: cannot open shared object file\nmore")
+    assert _ext_build.import_state() == ("present (/b/kestrel_cuda.so), does not import: "
+                                         "libc10_cuda.so: cannot open shared object file")
 
 
 def test_spec_on_windows_adds_icon_and_version_resource(monkeypatch, tmp_path: Path) -> None:

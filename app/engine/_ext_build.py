@@ -32,6 +32,10 @@ DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
 # Written by setup.py next to the module when it did not build the extension for a CUDA torch (no
 # nvcc, CUDA major version mismatch, compile error): the runtime quotes it instead of guessing.
 STATUS_FILE = Path(__file__).resolve().parent / f"{EXT_NAME}.build-status.txt"
+# What csrc/bindings.cpp defines (tests/test_doctor.py keeps the two equal). A module built from older
+# sources lacks some; it is then not used (the engine would fail at the first call of a missing one).
+FUNCTIONS = ("exl2_gemv", "exl2_dequant", "set_gemv_blocks_per_sm", "rms_norm", "silu_mul", "rope",
+             "attention_decode", "attention_decode_cached", "rope_cache_decode")
 
 
 def find_cuda_home() -> str | None:
@@ -70,6 +74,29 @@ def built_module_path() -> str | None:
     except (ImportError, ValueError):
         return None
     return spec.origin if spec and spec.origin else None
+
+
+def missing_functions(mod: ModuleType) -> list[str]:
+    """The FUNCTIONS a loaded extension module lacks (it was built from older sources)."""
+    return [name for name in FUNCTIONS if not hasattr(mod, name)]
+
+
+def import_state() -> str:
+    """One line for `--self-test`: is the compiled extension there, does it import here, and does it
+    have every function of its sources. Needs no GPU: importing only links torch's CUDA libraries."""
+    path = built_module_path()
+    if not path:
+        return build_state()
+    try:
+        import torch  # noqa: F401 - the module links against torch's libraries
+
+        mod = importlib.import_module(f"app.engine.{EXT_NAME}")
+    except Exception as e:  # noqa: BLE001 - ImportError, OSError of a missing library: the reason is the line
+        return f"present ({path}), does not import: {(str(e).strip().splitlines() or [type(e).__name__])[0][:300]}"
+    missing = missing_functions(mod)
+    if missing:
+        return f"present ({path}), imports, but is older than its sources: lacks {', '.join(missing)}"
+    return f"present ({path}), imports with all {len(FUNCTIONS)} functions"
 
 
 def install_note() -> str | None:
@@ -137,9 +164,14 @@ def _locate() -> tuple[ModuleType | None, str]:
     if not torch.cuda.is_available():
         return None, "no NVIDIA GPU is usable by PyTorch here"
     try:
-        return importlib.import_module(f"app.engine.{EXT_NAME}"), "prebuilt extension"
+        mod = importlib.import_module(f"app.engine.{EXT_NAME}")
     except ImportError as e:
         load_error = (str(e).strip().splitlines() or [type(e).__name__])[0][:300] if built_module_path() else ""
+    else:
+        missing = missing_functions(mod)
+        if not missing:
+            return mod, "prebuilt extension"
+        load_error = f"it was built from older sources: lacks {', '.join(missing)}"
     if os.environ.get("KESTREL_JIT") != "1":
         if load_error:     # e.g. built against another torch: undefined symbols
             return None, (f"the built extension does not load ({load_error}); "

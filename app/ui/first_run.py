@@ -328,9 +328,12 @@ def maybe_show_first_run(window: Any, config_dir: Path, force: bool = False) -> 
 
 
 def self_test(app: Any, window: Any, page: FirstRunPage | None) -> None:
-    """For `--self-test`: print build facts and the backend this machine would use, then quit (exit 0,
-    or 1 when detection failed). Reuses the welcome page's detection when it is running."""
+    """For `--self-test`: print build facts, the backend this machine would use and the state of the
+    compiled CUDA extension (present, imports, has every function), then quit (exit 0, or 1 when
+    detection failed). Reuses the welcome page's detection when it is running."""
     from PySide6.QtCore import QLibraryInfo
+
+    from app.engine._ext_build import import_state
 
     from .crash import default_log_dir
     from .theme import RESOURCES
@@ -355,6 +358,7 @@ def self_test(app: Any, window: Any, page: FirstRunPage | None) -> None:
                 print(f"backend: {cap.backend} ({cap.headline})", flush=True)
                 for key, value in result.rows:
                     print(f"  {key}: {value}", flush=True)
+            print(f"extension: {import_state()}", flush=True)   # bundled? imports? current?
         finally:    # quit even when stdout is gone (a closed pipe): a self-test must never hang
             window.close()
             app.exit(1 if missing or isinstance(result, BaseException) else 0)
