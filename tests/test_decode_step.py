@@ -68,3 +68,25 @@ def test_decode_step_rows_at_different_positions(tmp_path: Path) -> None:
     for i, row in enumerate(rows):
         want = model.forward(row[:, -1:], single[i], row.shape[1] - 1)[0, -1]
         assert torch.allclose(got[i], want, atol=2e-4, rtol=0), f"row {i}"
+
+
+def test_chunked_prefill_without_a_mask_equals_the_explicit_mask(tmp_path: Path, monkeypatch) -> None:
+    """Later prefill chunks use SDPA's lower-right causal bias (no t x s mask); where SDPA rejects it
+    the backend falls back to an explicit mask. Both give the same logits as one whole prefill."""
+    from app.engine.backend import TorchBackend
+
+    _, folder, length = build(tmp_path, "llama")
+    model = load_model(str(folder), "cpu")
+    ids = prompt(3 * length)
+
+    def chunked() -> torch.Tensor:
+        cache = model.allocate_cache(ids.shape[1])
+        outs = [model.forward(ids[:, i:i + length], cache, i) for i in range(0, ids.shape[1], length)]
+        return torch.cat(outs, dim=1)
+
+    whole = model.forward(ids, model.allocate_cache(ids.shape[1]), 0)
+    bias = chunked()
+    monkeypatch.setattr(TorchBackend, "_lower_right_ok", False)
+    mask = chunked()
+    assert torch.allclose(bias, whole, atol=2e-4, rtol=0)
+    assert torch.allclose(mask, bias, atol=2e-5, rtol=0)

@@ -88,9 +88,11 @@ def test_setup_py_skips_the_build_for_a_cpu_torch() -> None:
 
 
 def test_functions_list_matches_the_bindings() -> None:
-    """_ext_build.FUNCTIONS is what decides whether a prebuilt module is current: it must name every m.def."""
+    """_ext_build.FUNCTIONS is what decides whether a prebuilt module is current: with the optional
+    entry points it must name every m.def."""
     text = (REPO / "app" / "engine" / "csrc" / "bindings.cpp").read_text(encoding="utf-8")
-    assert sorted(re.findall(r'm\.def\("(\w+)"', text)) == sorted(_ext_build.FUNCTIONS)
+    named = [*_ext_build.FUNCTIONS, *_ext_build.OPTIONAL_FUNCTIONS]
+    assert sorted(re.findall(r'm\.def\("(\w+)"', text)) == sorted(named)
 
 
 def test_a_prebuilt_extension_from_older_sources_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -36,6 +36,9 @@ STATUS_FILE = Path(__file__).resolve().parent / f"{EXT_NAME}.build-status.txt"
 # sources lacks some; it is then not used (the engine would fail at the first call of a missing one).
 FUNCTIONS = ("exl2_gemv", "exl2_dequant", "set_gemv_blocks_per_sm", "rms_norm", "silu_mul", "rope",
              "attention_decode", "attention_decode_cached", "rope_cache_decode")
+# Entry points the engine uses only when present (the backend checks with hasattr), so a build that
+# predates them is still current enough: the half2 gemv (opt-in, csrc/exl2_gemv_half2.cu).
+OPTIONAL_FUNCTIONS = ("exl2_gemv_half2",)
 
 
 def find_cuda_home() -> str | None:

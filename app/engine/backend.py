@@ -6,13 +6,17 @@ extension) subclasses it and overrides the operations it accelerates; the model 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from .exl2 import Exl2Tensors
 from .rope import apply_rope
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,6 +36,7 @@ class TorchBackend:
     """Pure-PyTorch kernels. EXL2 layers are dequantized once at load into dense weights."""
 
     name = "torch"
+    _lower_right_ok = True  # cleared if SDPA rejects a lower-right causal bias (then: explicit mask)
 
     def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
         self.device = device
@@ -135,6 +140,15 @@ class TorchBackend:
             return self._decode_attention(q, k, v, window).reshape(b, 1, h * d)
         if start == 0 and s == t and not windowed:
             out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, **kwargs)
+        elif not windowed and self._lower_right_ok:
+            # a later prefill chunk: causal aligned to the last key, without a materialised t x s mask
+            # (a mask that grows with every chunk leaves ever larger freed blocks in the allocator)
+            try:
+                out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(t, s), **kwargs)
+            except RuntimeError as e:
+                log.info("lower-right causal bias unsupported here (%s); using an explicit mask", e)
+                type(self)._lower_right_ok = False
+                return self.attention(q, k, v, start, window)
         else:
             qpos = torch.arange(t, device=q.device)[:, None] + start
             kpos = torch.arange(s, device=q.device)[None, :]

@@ -18,10 +18,12 @@ activations       Scratch for one prefill chunk of c = min(chunk_size, context) 
                   batch x c x 2 x (2*hidden [residual, normed] + 2*q_dim [q, attention output]
                   + 2*kv_dim [new k, v] + 3*intermediate [gate, up, gate*up]), plus
                   Overheads.workspace_bytes (cuBLAS workspace, taken from the same allocator).
-attention_scores  Chunked prefill past the first chunk passes SDPA a boolean causal mask of c x context
-                  that it also expands to an additive fp16 mask: batch x c x context x
+attention_scores  Chunked prefill past the first chunk, as measured: SDPA got a boolean causal mask of
+                  c x context and expanded it to an additive fp16 one: batch x c x context x
                   Overheads.scores_bytes (3) when context > c, else 0 (the first chunk is plain causal).
                   The scores themselves are never materialised on the GPU (flash / efficient kernels).
+                  The engine now passes a lower-right causal bias instead (no mask; the explicit mask
+                  stays as its fallback); until that is measured on a GPU this term stays as a margin.
 logits            batch x vocab x 4 bytes: chat keeps the fp32 logits of the last position only
                   (perplexity scoring of a whole chunk needs c times as much; the planner plans chats).
 cuda_context      Overheads.cuda_context_bytes: the CUDA context and loaded kernels (outside torch's
