@@ -40,6 +40,15 @@ def kv_bytes_per_token(config: ModelConfig, mode: str = "fp16") -> int:
     return 2 * config.num_layers * per_layer_kv
 
 
+def check_room(end: int, max_seq_len: int) -> int:
+    """`end` if a write ending there fits the cache, else the error every cache mode raises."""
+    if end > max_seq_len:
+        raise GenerationError(
+            f"context is full ({end} > {max_seq_len} tokens)",
+            hint="Start a new chat, shorten the prompt or load the model with a longer context.")
+    return end
+
+
 @dataclass
 class KVCache:
     """Static FP16 cache: preallocated, written in place; `length` tokens are valid."""
@@ -80,11 +89,7 @@ class KVCache:
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v (batch, seq, heads, dim) at `start` and return views of the whole valid span."""
-        end = start + k.shape[1]
-        if end > self.max_seq_len:
-            raise GenerationError(
-                f"context is full ({end} > {self.max_seq_len} tokens)",
-                hint="Start a new chat, shorten the prompt or load the model with a longer context.")
+        end = check_room(start + k.shape[1], self.max_seq_len)
         self.keys[layer][:, start:end] = k
         self.values[layer][:, start:end] = v
         return self.keys[layer][:, :end], self.values[layer][:, :end]

@@ -213,13 +213,9 @@ class QuantKVCache:
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Quantize k/v (batch, seq, heads, dim) into place at `start`; return fp16 views of 0..end."""
-        from .errors import GenerationError
+        from .cache import check_room
 
-        end = start + k.shape[1]
-        if end > self.max_seq_len:
-            raise GenerationError(
-                f"context is full ({end} > {self.max_seq_len} tokens)",
-                hint="Start a new chat, shorten the prompt or load the model with a longer context.")
+        end = check_room(start + k.shape[1], self.max_seq_len)
         if start == 0 or self.key_means[layer] is None:
             self._set_key_mean(layer, k)
         kc = k.float() - self._key_offset(layer, start, end)
