@@ -12,7 +12,7 @@
 set -uo pipefail
 stage=${1:?start, pipeline, wait N or sync}
 OUT=${OUT:-/tmp/out}
-R=/root/out
+R=/root/res  # never $OUT: the device empties $OUT (/root/out) before every call
 mkdir -p "$OUT" $R /root/stash /root/shared/fixtures/reference /root/repo
 export PYTHONPATH=/tmp/site:/root/repo PYTHONUNBUFFERED=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0
 export KESTREL_TEST_CACHE=/root/kt KESTREL_SHARED=/root/shared KESTREL_JIT=1 KESTREL_BUILD_DIR=/root/kbuild
@@ -24,7 +24,7 @@ log() { echo "$(date +%T) $*" | tee -a $R/progress.txt; }
 sync_tree() { tar --exclude=.whl --exclude=.git -cf - . | (cd /root/repo && tar -xf -); cp -r .carry /root/repo/ 2>/dev/null; }
 
 step_gpu() {
-  (cd /root/repo && timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider \
+  (cd /root/repo && timeout ${GPU_TESTS_S:-420} python3 -m pytest -q -m gpu -p no:cacheprovider \
       tests/test_cuda_kernels.py tests/test_gpu_engine.py tests/test_lora.py 2>&1 | tail -25) > $R/gpu_tests.txt
 }
 step_planner() {
@@ -67,8 +67,10 @@ start)
   sync_tree
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee $R/gpu.txt
   python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)" | tee -a $R/gpu.txt
-  cd /tmp && setsid nohup python3 -c "import exllamav2.ext; print('exllamav2 ext ok')" > $R/jit_exllamav2.txt 2>&1 < /dev/null &
-  cd /root/repo && setsid nohup python3 -c "from app.engine.cuda_backend import extension_status; print('kestrel ext:', extension_status())" \
+  # every background job's own stdout is redirected too: an inherited pipe keeps the call waiting
+  (cd /tmp && exec setsid nohup python3 -c "import exllamav2.ext; print('exllamav2 ext ok')") \
+      > $R/jit_exllamav2.txt 2>&1 < /dev/null &
+  (cd /root/repo && exec setsid nohup python3 -c "from app.engine.cuda_backend import extension_status; print('kestrel ext:', extension_status())") \
       > $R/jit_kestrel.txt 2>&1 < /dev/null &
   sleep 2; log "started JIT builds"
   ;;
@@ -79,7 +81,7 @@ pipeline)
     && touch $FP16/.fingerprint-ok
   cp .carry/*.npy /root/shared/fixtures/reference/; cp .carry/make_smollm2.py /root/shared/fixtures/
   cp .carry/*.npy /root/repo/.carry/ 2>/dev/null
-  cd /root/repo && setsid nohup bash bench/device_all.sh steps > $R/pipeline.log 2>&1 < /dev/null &
+  (cd /root/repo && exec setsid nohup bash bench/device_all.sh steps) > $R/pipeline.log 2>&1 < /dev/null &
   sleep 5; log "pipeline launched"; cat $R/progress.txt
   ;;
 steps)
@@ -105,6 +107,7 @@ wait)
   end=$((SECONDS + ${2:-500}))
   while [ $SECONDS -lt $end ] && ! grep -q "pipeline finished" $R/progress.txt 2>/dev/null; do sleep 5; done
   cp -r $R/. "$OUT"/; cat $R/progress.txt; tail -3 $R/pipeline.log
+  # keep calls back to back: the machine is given back after 30 s idle
   ;;
 sync)
   sync_tree; log "tree synced"
