@@ -11,7 +11,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
+
+try:  # torch >= 2.2
+    from torch.nn.attention.bias import causal_lower_right
+except ImportError:  # older torch: chunked prefill builds an explicit mask
+    causal_lower_right = None  # type: ignore[assignment]
 
 from .exl2 import Exl2Tensors
 from .rope import apply_rope
@@ -36,7 +40,7 @@ class TorchBackend:
     """Pure-PyTorch kernels. EXL2 layers are dequantized once at load into dense weights."""
 
     name = "torch"
-    _lower_right_ok = True  # cleared if SDPA rejects a lower-right causal bias (then: explicit mask)
+    _lower_right_ok = causal_lower_right is not None  # cleared if SDPA rejects the bias (then: a mask)
 
     def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
         self.device = device
