@@ -8,7 +8,8 @@ CUDA context exactly once, as the estimate does. In the child: NVML used memory 
 app.engine.Engine on cuda with max_seq_len=context; allocate the cache; prefill context - 8 tokens in
 chunks of `chunk` (the worst case: the whole context in use) and take a few decode steps; then record
 torch.cuda.max_memory_allocated (tensors only: compare with the estimate minus its CUDA-context term)
-and the NVML used-memory delta (everything the process holds: compare with the estimate's total).
+and the NVML used-memory delta, at the end and at its sampled peak (everything the process holds:
+compare with the estimate's total).
 Cache modes the engine cannot allocate yet are reported as skipped.
 
 Note: the engine's chat prefill keeps only the last position's logits, while the estimate counts
@@ -49,6 +50,29 @@ def nvml_used(index: int) -> int | None:
     return gpus[index].used_bytes if len(gpus) > index else None
 
 
+class NvmlPeak:
+    """Samples NVML's used memory every 10 ms on a thread and keeps the highest reading."""
+
+    def __init__(self, index: int) -> None:
+        import threading
+
+        self.index, self.top = index, nvml_used(index)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.01):
+            used = nvml_used(self.index)
+            if used is not None and (self.top is None or used > self.top):
+                self.top = used
+
+    def stop(self) -> int | None:
+        self._stop.set()
+        self._thread.join()
+        return self.top
+
+
 def measure_one(folder: str, context: int, mode: str, chunk: int) -> dict[str, Any]:
     """Runs in the child process: load, allocate, prefill, read the peaks."""
     import torch
@@ -60,6 +84,7 @@ def measure_one(folder: str, context: int, mode: str, chunk: int) -> dict[str, A
                            "cache_mode": mode, "chunk": chunk, **estimate_row(folder, context, mode, chunk)}
     device = torch.cuda.current_device()
     before = nvml_used(device)
+    peak = NvmlPeak(device)  # NVML's used memory sampled through the run: its peak, not the last reading
     t0 = time.perf_counter()
     mem = torch.cuda.memory_allocated
     try:
@@ -87,6 +112,8 @@ def measure_one(folder: str, context: int, mode: str, chunk: int) -> dict[str, A
     row["max_reserved"] = int(torch.cuda.max_memory_reserved())
     after = nvml_used(device)
     row["nvml_delta"] = after - before if after is not None and before is not None else None
+    top = peak.stop()
+    row["nvml_peak_delta"] = top - before if top is not None and before is not None else None
     engine.unload()
     gc.collect()
     return row
