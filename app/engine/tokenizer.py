@@ -181,11 +181,16 @@ class Tokenizer:
                         return i
             return None
 
-        bos_token = token_str("bos_token")
-        bos_id = known(bos_token)
-        if bos_id is None:
-            bos_id = first_id("bos_token_id")
-            bos_token = hf.id_to_token(bos_id) if bos_id is not None else None
+        def special(name: str) -> tuple[str | None, int | None]:
+            """(token, id) from tokenizer_config's `name`, else from the configs' `name`_id."""
+            token = token_str(name)
+            token_id = known(token)
+            if token_id is None:
+                token_id = first_id(f"{name}_id")
+                token = hf.id_to_token(token_id) if token_id is not None else None
+            return token, token_id
+
+        bos_token, bos_id = special("bos_token")
 
         eos_token = token_str("eos_token")
         eos: set[int] = set()
@@ -198,11 +203,7 @@ class Tokenizer:
         added = {t.content: i for i, t in hf.get_added_tokens_decoder().items()}
         eos.update(added[t] for t in END_OF_TURN_TOKENS if t in added)
 
-        pad_token = token_str("pad_token")
-        pad_id = known(pad_token)
-        if pad_id is None:
-            pad_id = first_id("pad_token_id")
-            pad_token = hf.id_to_token(pad_id) if pad_id is not None else None
+        pad_token, pad_id = special("pad_token")
         unk_token = token_str("unk_token")
 
         add_bos = tok_cfg.get("add_bos_token")
