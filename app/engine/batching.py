@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import GenerationError, OutOfMemoryError
-from .generator import MAX_BANNED_STRING_ROLLBACKS, check_request, keep_held_logits, sampler_state
+from .generator import ReplyText, check_request, sampler_state
 from .model import Transformer
 from .paged_cache import DEFAULT_PAGE_SIZE, PagedKVCache, PagedSequence
 from .rope import apply_rope
-from .samplers import BannedStringGuard, SamplerContext, SamplerState, sample
-from .tokenizer import StopStringMatcher, StreamDecoder, Tokenizer
+from .samplers import SamplerContext, SamplerState, sample
+from .tokenizer import Tokenizer
 from .types import Chunk, GenerationSettings
 
 log = logging.getLogger(__name__)
@@ -66,12 +66,7 @@ class BatchJob:
     history: torch.Tensor | None = None
     state: SamplerState | None = None
     rng: torch.Generator | None = None
-    decoder: StreamDecoder | None = None
-    stops: StopStringMatcher | None = None
-    guard: BannedStringGuard | None = None
-    saved: dict[int, torch.Tensor] = field(default_factory=dict)
-    bans: dict[int, set[int]] = field(default_factory=dict)
-    rollbacks: int = 0
+    reply: ReplyText | None = None
     prefill_done_at: float | None = None
     cached_tokens: int = 0  # prompt tokens found in shared pages (not computed again)
     _wake: Callable[[], None] | None = field(default=None, repr=False)
@@ -367,9 +362,7 @@ class Scheduler:
             job.state = sampler_state(self.tokenizer, job.samplers)
             if job.settings.seed is not None:
                 job.rng = torch.Generator().manual_seed(int(job.settings.seed))
-            job.decoder = self.tokenizer.stream_decoder()
-            job.stops = StopStringMatcher(list(job.settings.stop_strings))
-            job.guard = BannedStringGuard(job.samplers["banned_strings"])
+            job.reply = ReplyText(self.tokenizer, job.settings.stop_strings, job.samplers["banned_strings"])
             with self._cond:
                 self._running.append(job)
 
@@ -385,21 +378,17 @@ class Scheduler:
                 self._finish(job, "length")
                 return
             index = len(job.generated)
-            job.state.banned_now = frozenset(job.bans.get(index, ()))
-            if job.guard.banned:
-                job.saved[index] = logits
+            job.reply.before_sampling(index, logits, job.state)
             token = sample_for_job(job, logits)
             if token in job.stop_ids:
                 self._finish(job, "stop")
                 return
             job.generated.append(token)
             job.history = torch.cat([job.history, torch.tensor([token])])
-            text, back = job.guard.feed(job.decoder.feed(token), index)
+            text, stopped, back = job.reply.feed(token, index)
             if back is not None:
                 logits = self._rewind(job, back)
                 continue
-            keep_held_logits(job.saved, job.guard.held_from)
-            text, stopped = job.stops.feed(text)
             if stopped:
                 self._emit(job, self._chunk(job, text, [token], "stop"))
                 self._end(job, "stop")
@@ -414,26 +403,14 @@ class Scheduler:
 
     def _rewind(self, job: BatchJob, back: int) -> torch.Tensor:
         """Banned string: as Generator._rewind_completion, over the job's pages."""
-        job.rollbacks += 1
-        if job.rollbacks > MAX_BANNED_STRING_ROLLBACKS:
-            raise GenerationError(f"the reply kept running into banned strings ({job.rollbacks} rollbacks)",
-                                  hint="Remove some banned strings or loosen the filters.")
-        job.bans.setdefault(back, set()).add(job.generated[back])
-        for later in [k for k in job.bans if k > back]:
-            del job.bans[later]
-        del job.generated[back:]
+        logits = job.reply.rewind(job.generated, back)
         self.cache.truncate(job.seq, len(job.prompt) + back)
-        job.decoder = self.tokenizer.stream_decoder()
-        for token in job.generated:
-            job.decoder.feed(token)
         job.history = torch.tensor(job.prompt + job.generated, dtype=torch.int64)
-        return job.saved[back]
+        return logits
 
     def _finish(self, job: BatchJob, reason: str) -> None:
         """End a job the way the Generator ends a reply: release held text, then the last chunk."""
-        tail, stopped = job.stops.feed(job.guard.flush() + job.decoder.flush())
-        if not stopped:
-            tail += job.stops.flush()
+        tail, stopped = job.reply.finish()
         if job.prefill_done_at is None:
             job.prefill_done_at = time.monotonic()
         reason = "stop" if stopped else reason
@@ -449,7 +426,8 @@ class Scheduler:
         if job.seq is not None:
             self.cache.free(job.seq)
             job.seq = None
-        job.saved.clear()
+        if job.reply is not None:
+            job.reply.saved.clear()
         if error is not None:
             self._emit(job, error)
         self._emit(job, END)

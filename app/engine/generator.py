@@ -46,6 +46,60 @@ def keep_held_logits(saved: dict[int, torch.Tensor], held_from: int | None) -> N
         del saved[index]
 
 
+class ReplyText:
+    """The text side of one reply, shared by the Generator and the batching scheduler: streaming
+    detokenization, banned strings (text held back; on a match, roll back and ban the token that
+    began it) and stop strings. Callers own the tokens, the cache and the sampling."""
+
+    def __init__(self, tokenizer: Tokenizer, stop_strings: list[str] | tuple[str, ...],
+                 banned_strings: list[str] | tuple[str, ...]) -> None:
+        self._tokenizer = tokenizer
+        self.decoder = tokenizer.stream_decoder()
+        self.stops = StopStringMatcher(list(stop_strings))
+        self.guard = BannedStringGuard(banned_strings)
+        self.saved: dict[int, torch.Tensor] = {}  # logits by completion index, while the guard holds text
+        self.bans: dict[int, set[int]] = {}  # completion index -> ids banned there by rollbacks
+        self.rollbacks = 0
+
+    def before_sampling(self, index: int, logits: torch.Tensor, state: SamplerState) -> None:
+        """Ban what rollbacks banned at this index; keep the logits while text is held back."""
+        state.banned_now = frozenset(self.bans.get(index, ()))
+        if self.guard.banned:
+            self.saved[index] = logits
+
+    def feed(self, token: int, index: int) -> tuple[str, bool, int | None]:
+        """(text to stream, whether a stop string ended it, completion index to roll back to or None)."""
+        text, back = self.guard.feed(self.decoder.feed(token), index)
+        if back is not None:
+            self.rollbacks += 1
+            if self.rollbacks > MAX_BANNED_STRING_ROLLBACKS:
+                raise GenerationError(f"the reply kept running into banned strings ({self.rollbacks} rollbacks)",
+                                      hint="Remove some banned strings or loosen the filters.")
+            return "", False, back
+        keep_held_logits(self.saved, self.guard.held_from)
+        text, stopped = self.stops.feed(text)
+        return text, stopped, None
+
+    def rewind(self, generated: list[int], back: int) -> torch.Tensor:
+        """Drop the tokens from completion index `back` on (in place), ban the one that began the banned
+        string there, replay the decoder; returns the logits to sample at `back` again."""
+        self.bans.setdefault(back, set()).add(generated[back])
+        for later in [k for k in self.bans if k > back]:
+            del self.bans[later]
+        del generated[back:]
+        self.decoder = self._tokenizer.stream_decoder()
+        for token in generated:
+            self.decoder.feed(token)
+        return self.saved[back]
+
+    def finish(self) -> tuple[str, bool]:
+        """(the text still held back, whether the reply ended on a stop string)."""
+        tail, stopped = self.stops.feed(self.guard.flush() + self.decoder.flush())
+        if not stopped:
+            tail += self.stops.flush()
+        return tail, stopped
+
+
 def check_request(prompt_ids: list[int], settings: GenerationSettings, max_seq_len: int) -> tuple[dict, int]:
     """(validated samplers, tokens that may be generated): what every request is checked for before
     any work, by the Generator and the batching scheduler alike."""
@@ -209,8 +263,7 @@ class Generator:
         if settings.seed is not None:
             # drawn where the logits are, so sampling never copies a vocab-sized row to the host
             gen = torch.Generator(device=self.model.device).manual_seed(int(settings.seed))
-        decoder = self.tokenizer.stream_decoder()
-        stops = StopStringMatcher(list(settings.stop_strings))
+        reply = ReplyText(self.tokenizer, settings.stop_strings, samplers["banned_strings"])
         eos = self.tokenizer.eos_ids if settings.stop_on_eos else frozenset()
         n_prompt = len(ids)
         t0 = time.perf_counter()
@@ -225,10 +278,6 @@ class Generator:
         history = torch.tensor(ids, dtype=torch.int64)
         reason = None
         state = sampler_state(self.tokenizer, samplers)
-        guard = BannedStringGuard(samplers["banned_strings"])
-        saved: dict[int, torch.Tensor] = {}  # logits by completion index, while the guard holds text
-        bans: dict[int, set[int]] = {}  # completion index -> ids banned there by rollbacks
-        rollbacks = 0
         logprobs: list[tuple[int, TokenLogprob]] = []  # (completion index, TokenLogprob) not yet in a chunk
         # speculation proposes tokens the grammar has not seen: constrained requests decode plainly
         spec = speculative.start(self, settings, samplers, n_prompt, state) if constraint is None else None
@@ -254,9 +303,7 @@ class Generator:
             ctx = SamplerContext(history=history, generated_start=n_prompt, settings=samplers,
                                  eos_ids=self.tokenizer.eos_ids, state=state)
             index = len(generated)
-            state.banned_now = frozenset(bans.get(index, ()))
-            if guard.banned:
-                saved[index] = logits
+            reply.before_sampling(index, logits, state)
             token = (spec.pick(logits, samplers, ctx, gen) if spec
                      else sample(constraint.apply(logits) if constraint else logits, samplers, ctx, gen))
             if token in eos:
@@ -268,23 +315,16 @@ class Generator:
                 constraint.advance(token)
             generated.append(token)
             history = torch.cat([history, torch.tensor([token])])
-            text, back = guard.feed(decoder.feed(token), index)
+            text, stopped, back = reply.feed(token, index)
             if back is not None:
-                rollbacks += 1
-                if rollbacks > MAX_BANNED_STRING_ROLLBACKS:
-                    raise GenerationError(
-                        f"the reply kept running into banned strings ({rollbacks} rollbacks)",
-                        hint="Remove some banned strings or loosen the filters.")
                 if constraint is not None:
                     constraint.rollback(len(generated) - back)
                 logprobs[:] = [(i, e) for i, e in logprobs if i < back]
-                logits, decoder = self._rewind_completion(n_prompt, generated, back, bans, saved)
+                logits = self._rewind_completion(n_prompt, generated, back, reply)
                 history = torch.tensor(ids[:n_prompt] + generated, dtype=torch.int64)
                 if spec:
                     spec.reset()
                 continue
-            keep_held_logits(saved, guard.held_from)
-            text, stopped = stops.feed(text)
             if stopped:
                 yield chunk(text, [token], "stop")
                 return
@@ -305,9 +345,7 @@ class Generator:
                 raise OutOfMemoryError("the GPU ran out of memory mid-reply",
                                        hint="Use a smaller context, a lower-bpw model or a Q4 cache.") from e
             self._cached_ids.append(token)
-        tail, stopped = stops.feed(guard.flush() + decoder.flush())
-        if not stopped:
-            tail += stops.flush()
+        tail, stopped = reply.finish()
         yield chunk(tail, [], "stop" if stopped else reason)
 
     def _decode_one(self, token: int, pos: int) -> torch.Tensor:
@@ -329,20 +367,13 @@ class Generator:
             return self._graph.step(token, pos)
         return self.model.forward(torch.tensor([[token]], device=self.model.device), cache, pos)[0, -1]
 
-    def _rewind_completion(self, n_prompt: int, generated: list[int], back: int,
-                           bans: dict[int, set[int]], saved: dict[int, torch.Tensor]):
-        """Banned string: drop tokens from completion index `back` on, ban the token that began it at
-        that position, and return (logits to sample there again, a decoder replayed to that point)."""
-        bans.setdefault(back, set()).add(generated[back])
-        for later in [k for k in bans if k > back]:
-            del bans[later]
-        del generated[back:]
+    def _rewind_completion(self, n_prompt: int, generated: list[int], back: int, reply: ReplyText) -> torch.Tensor:
+        """Banned string: roll the reply back to completion index `back` (ReplyText.rewind) and the cache
+        with it; returns the logits to sample there again."""
+        logits = reply.rewind(generated, back)
         self.cache.truncate(n_prompt + back)
         self._cached_ids = self._cached_ids[:n_prompt + back]
-        decoder = self.tokenizer.stream_decoder()
-        for token in generated:
-            decoder.feed(token)
-        return saved[back], decoder
+        return logits
 
     def generate(self, prompt_ids: list[int], settings: GenerationSettings | None = None) -> tuple[str, Chunk]:
         """Run to completion; return the whole text and the final chunk (counts, timings, reason)."""
