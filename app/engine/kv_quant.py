@@ -43,6 +43,14 @@ EXACT_TOKENS = 4  # the first positions (attention sinks: most heads attend to t
 RECENT_TOKENS = 64  # the latest positions, kept in fp16 too: nearby tokens draw much of the attention
 
 
+def fixed_bytes(num_layers: int, kv_dim: int, max_seq_len: int, batch: int = 1) -> int:
+    """What a QuantKVCache holds beside its per-token storage once every layer has been written (its
+    overhead_bytes): per layer the key mean and the fp16 sink and recent copies of keys and values,
+    and the fp16 read-back buffers for keys and values that all layers share."""
+    per_layer = kv_dim * 2 * (1 + 2 * (min(EXACT_TOKENS, max_seq_len) + RECENT_TOKENS))
+    return batch * (num_layers * per_layer + 2 * max_seq_len * kv_dim * 2)
+
+
 def hadamard(n: int = GROUP) -> torch.Tensor:
     """Normalized Sylvester Hadamard matrix (n a power of two): symmetric and orthogonal."""
     h = torch.ones(1, 1)
@@ -155,7 +163,8 @@ class QuantKVCache:
         self._device = device
 
     def overhead_bytes(self) -> int:
-        """Bytes outside the per-token formula: key means and the fp16 read-back buffers."""
+        """Bytes outside the per-token formula: key means, the exact sink and recent copies and the fp16
+        read-back buffers (fixed_bytes once every layer has been written)."""
         extra = sum(m.numel() * m.element_size() for m in self.key_means if m is not None)
         extra += sum(t.numel() * t.element_size()
                      for t in self.sink_keys + self.sink_values + self.recent_keys + self.recent_values)
@@ -227,19 +236,23 @@ class QuantKVCache:
             n = min(end, self.exact) - start
             self.sink_keys[layer][:, start:start + n] = k[:, :n]
             self.sink_values[layer][:, start:start + n] = v[:, :n]
+        # read back 0..end: exact sinks, the quantized copy, exact recent positions from the ring (after
+        # a truncate, newer writes may have taken the slots of older positions: only the last `recent`
+        # below ring_end are still there), then the tokens being written; each position is read once
         kb, vb = self._buffers()
-        deq = dequantize(self.keys[layer][:, :end], self.key_scales[layer][:, :end], self.bits, self.rot,
-                         torch.float32)
-        kb[:, :end] = deq[..., :self.head_dim] + self._key_offset(layer, 0, end)
-        deq = dequantize(self.values[layer][:, :end], self.value_scales[layer][:, :end], self.bits, self.rot,
-                         self.dtype)
-        vb[:, :end] = deq[..., :self.head_dim]
         n = min(end, self.exact)
         kb[:, :n] = self.sink_keys[layer][:, :n]
         vb[:, :n] = self.sink_values[layer][:, :n]
-        # recent positions before this write, from the ring (after a truncate, newer writes may have
-        # taken the slots of older positions: only the last `recent` below ring_end are still there)
         lo = max(n, start - self.recent, self.ring_end[layer] - self.recent)
+        quantized_end = min(lo, start)
+        if n < quantized_end:
+            span = slice(n, quantized_end)
+            deq = dequantize(self.keys[layer][:, span], self.key_scales[layer][:, span], self.bits, self.rot,
+                             torch.float32)
+            kb[:, span] = deq[..., :self.head_dim] + self._key_offset(layer, n, quantized_end)
+            deq = dequantize(self.values[layer][:, span], self.value_scales[layer][:, span], self.bits,
+                             self.rot, self.dtype)
+            vb[:, span] = deq[..., :self.head_dim]
         if lo < start:
             slots = torch.arange(lo, start, device=k.device) % self.recent
             kb[:, lo:start] = self.recent_keys[layer][:, slots]

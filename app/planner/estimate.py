@@ -9,11 +9,10 @@ weights           Exact tensor bytes from the folder's safetensors headers, or t
 kv_cache          app.engine.cache.kv_bytes_per_token(config, cache_mode) x context x batch x slots: the
                   engine's own formula, not restated here. `slots` is how many conversations keep their
                   cache on the GPU at once (the engine keeps a second one only when memory allows).
-kv_scratch        Quantized modes only: the fp16 read-back buffers shared by all layers (keys and values,
-                  2 x 2 bytes) plus the fp32 key-offset and dequantization temporaries of one layer
-                  (2 x 4 bytes): batch x context x kv_dim x 12; plus, per layer, the fp16 copies of the
-                  first and the latest tokens and the key mean: batch x layers x kv_dim x 2 x
-                  (2 x (kv_quant.EXACT_TOKENS + kv_quant.RECENT_TOKENS) + 1). FP16 caches: 0.
+kv_scratch        Quantized modes only: what the cache holds beside its storage (app.engine.kv_quant.
+                  fixed_bytes: fp16 read-back buffers, exact sink/recent copies, key means; the engine's
+                  formula, not restated here) plus the fp32 key-offset and dequantization temporaries of
+                  one layer: batch x context x kv_dim x 2 x 4. FP16 caches are read in place: 0.
 activations       Scratch for one prefill chunk of c = min(chunk_size, context) tokens, fp16 (2 bytes):
                   batch x c x 2 x (2*hidden [residual, normed] + 2*q_dim [q, attention output]
                   + 2*kv_dim [new k, v] + 3*intermediate [gate, up, gate*up]), plus
@@ -195,10 +194,9 @@ def estimate(model: ModelSpec, context: int, cache_mode: str, chunk_size: int = 
     kv = cache.kv_bytes_per_token(c, cache_mode) * context * batch * slots
     kv_scratch = 0
     if cache_mode != "fp16":
-        from app.engine.kv_quant import EXACT_TOKENS, RECENT_TOKENS
+        from app.engine.kv_quant import fixed_bytes
 
-        exact_copies = batch * c.num_layers * c.kv_dim * 2 * (2 * (EXACT_TOKENS + RECENT_TOKENS) + 1)
-        kv_scratch = batch * context * c.kv_dim * 12 + exact_copies
+        kv_scratch = fixed_bytes(c.num_layers, c.kv_dim, context, batch) + batch * context * c.kv_dim * 8
     activations = batch * chunk * 2 * (2 * c.hidden_size + 2 * c.q_dim + 2 * c.kv_dim + 3 * c.intermediate_size)
     activations += overheads.workspace_bytes
     scores = batch * chunk * context * overheads.scores_bytes if context > chunk else 0
