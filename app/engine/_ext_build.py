@@ -84,6 +84,11 @@ def missing_functions(mod: ModuleType) -> list[str]:
     return [name for name in FUNCTIONS if not hasattr(mod, name)]
 
 
+def _import_error(e: BaseException) -> str:
+    """An import failure's first line (e.g. the undefined symbol), at most 300 characters."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
 def import_state() -> str:
     """One line for `--self-test`: is the compiled extension there, does it import here, and does it
     have every function of its sources. Needs no GPU: importing only links torch's CUDA libraries."""
@@ -95,7 +100,7 @@ def import_state() -> str:
 
         mod = importlib.import_module(f"app.engine.{EXT_NAME}")
     except Exception as e:  # noqa: BLE001 - ImportError, OSError of a missing library: the reason is the line
-        return f"present ({path}), does not import: {(str(e).strip().splitlines() or [type(e).__name__])[0][:300]}"
+        return f"present ({path}), does not import: {_import_error(e)}"
     missing = missing_functions(mod)
     if missing:
         return f"present ({path}), imports, but is older than its sources: lacks {', '.join(missing)}"
@@ -169,7 +174,7 @@ def _locate() -> tuple[ModuleType | None, str]:
     try:
         mod = importlib.import_module(f"app.engine.{EXT_NAME}")
     except ImportError as e:
-        load_error = (str(e).strip().splitlines() or [type(e).__name__])[0][:300] if built_module_path() else ""
+        load_error = _import_error(e) if built_module_path() else ""
     else:
         missing = missing_functions(mod)
         if not missing:
