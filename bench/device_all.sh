@@ -8,7 +8,8 @@
 #   steps     (internal) the pipeline itself, started in the background by `pipeline`
 #   wait N    wait up to N s (or until the pipeline ends); copy /root/out to $OUT; print progress
 #   sync      copy the current tree over /root/repo (new kernels are rebuilt on first use)
-# Steps of the pipeline (STEPS to choose): gpu planner features quantize longchat decode
+# Steps of the pipeline (STEPS to choose, phases in order, a+b at once): planner decode features
+# quantize longchat gpu
 set -uo pipefail
 stage=${1:?start, pipeline, wait N or sync}
 OUT=${OUT:-/tmp/out}
@@ -30,8 +31,8 @@ step_gpu() {
 step_planner() {
   [ -d /root/syn1b ] || python3 bench/synthetic_exl2.py /root/syn1b --shape llama3.2-1b --tokenizer-from $FP16 | tail -1
   [ -d /root/syn8b ] || python3 bench/synthetic_exl2.py /root/syn8b --shape llama3-8b --tokenizer-from $FP16 | tail -1
-  timeout ${PLANNER_S:-480} python3 bench/planner_accuracy.py $FP16 /root/syn1b /root/syn8b \
-      --contexts 2048 8192 32768 --cache-modes ${MODES:-fp16 q8 q4} --json $R/planner_accuracy.json \
+  timeout ${PLANNER_S:-360} python3 bench/planner_accuracy.py $FP16 /root/syn1b /root/syn8b \
+      --contexts 2048 8192 32768 --cache-modes ${MODES:-fp16 q4} --json $R/planner_accuracy.json \
       > $R/planner_accuracy.txt 2>&1
 }
 step_features() {
@@ -52,11 +53,13 @@ step_longchat() {
   OUT=$R timeout 240 python3 bench/bench_long_chat.py --model $FP16 --device cuda > $R/long_chat.txt 2>&1
 }
 step_decode() {
+  # exact gemv with exllamav2 beside it, then the half2 gemv (KESTREL_GEMV_EXACT=0) alone
   for m in smollm2 llama8b; do
-    if [ $m = smollm2 ]; then dir=$B4; backends=torch,cuda; extra=--no-kernels
-    else dir=/root/syn8b; backends=cuda; extra=""; fi
-    timeout 240 python3 bench/bench_decode.py $dir --exllamav2 --backends $backends $extra \
+    if [ $m = smollm2 ]; then dir=$B4; kern=--no-kernels; else dir=/root/syn8b; kern=""; fi
+    timeout 200 python3 bench/bench_decode.py $dir --exllamav2 --backends cuda --no-kernels \
         --out $R/bench_decode_$m.json > $R/bench_decode_$m.txt 2>&1
+    KESTREL_GEMV_EXACT=0 timeout 150 python3 bench/bench_decode.py $dir --backends cuda $kern \
+        --out $R/bench_decode_${m}_half2.json > $R/bench_decode_${m}_half2.txt 2>&1
   done
 }
 
@@ -95,11 +98,16 @@ PY
   log "fixtures built: $(tail -1 $R/fixtures.txt)"
   for _ in $(seq 200); do grep -q "kestrel ext\|Error" $R/jit_kestrel.txt 2>/dev/null && break; sleep 3; done
   log "kestrel JIT: $(tail -1 $R/jit_kestrel.txt)"
-  for s in ${STEPS:-planner gpu features quantize longchat decode}; do
-    if [ $s = features ]; then
-      for _ in $(seq 150); do grep -q "exllamav2 ext\|Error" $R/jit_exllamav2.txt 2>/dev/null && break; sleep 3; done
-    fi
-    log "step $s start"; step_$s; log "step $s done"
+  # A phase is one word of STEPS; steps joined by + run at the same time. The planner reads NVML's
+  # whole-device figure and the decode/feature benchmarks are timings, so each runs alone.
+  for phase in ${STEPS:-planner features quantize+longchat+gpu decode}; do
+    case $phase in *features*|*decode*|*quantize*)
+      for _ in $(seq 150); do grep -q "exllamav2 ext\|Error" $R/jit_exllamav2.txt 2>/dev/null && break; sleep 3; done;;
+    esac
+    log "phase $phase start"
+    for s in ${phase//+/ }; do (step_$s; log "step $s done") & done
+    wait
+    log "phase $phase done"
   done
   log "pipeline finished"
   ;;

@@ -39,20 +39,23 @@ def score(folder: str, rows: list[list[int]], device: str) -> dict:
     try:
         t0 = time.perf_counter()
         ppl = engine.generator.perplexity(rows)
-        text = "".join(c.text for c in engine.stream_chat(
-            [{"role": "user", "content": QUESTION}],
-            GenerationSettings(max_new_tokens=24, samplers={"temperature": 0.0})))
+        prompt = engine.chat_prompt_ids([{"role": "user", "content": QUESTION}])
+        chunks = list(engine.generator.stream(prompt, GenerationSettings(
+            max_new_tokens=24, samplers={"temperature": 0.0}, stop_on_eos=False)))
     finally:
         engine.unload()
-    return {"ppl": round(ppl, 4), "answer": text.strip(), "score_s": round(time.perf_counter() - t0, 1)}
+    return {"ppl": round(ppl, 4), "answer": "".join(c.text for c in chunks).strip(),
+            "prompt_ids": prompt, "answer_ids": [t for c in chunks for t in c.token_ids],
+            "score_s": round(time.perf_counter() - t0, 1)}
 
 
-def exllamav2_ppl(folder: str, rows: list[list[int]]) -> float | str:
-    """exllamav2's perplexity on our EXL2 folder, each row alone; a string says why not."""
+def exllamav2_check(folder: str, rows: list[list[int]], prompt: list[int], answer: list[int]) -> dict:
+    """exllamav2 on our EXL2 folder: its perplexity (each row alone) and whether its greedy tokens after
+    `prompt` are ours (`answer`); strings say why not."""
     try:
         from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
     except Exception as e:  # noqa: BLE001 - optional
-        return f"not importable: {type(e).__name__}"
+        return {"exllamav2_ppl": f"not importable: {type(e).__name__}"}
     try:
         cfg = ExLlamaV2Config(folder)
         cfg.max_seq_len = max(len(r) for r in rows) + 16
@@ -66,10 +69,15 @@ def exllamav2_ppl(folder: str, rows: list[list[int]]) -> float | str:
             logp = torch.log_softmax(logits, dim=-1)
             nll -= float(logp.gather(1, ids[0, 1:, None]).sum())
             count += len(row) - 1
+        ids = list(prompt)
+        for _ in answer:  # greedy, the whole sequence each step: a few dozen tokens on a small model
+            ids.append(int(model.forward(torch.tensor([ids]))[0, -1].float().argmax()))
         model.unload()
-        return round(float(np.exp(nll / count)), 4)
+        theirs = ids[len(prompt):]
+        return {"exllamav2_ppl": round(float(np.exp(nll / count)), 4), "exllamav2_same_greedy": theirs == answer,
+                "exllamav2_answer_ids": theirs}
     except Exception as e:  # noqa: BLE001 - reported, the bench goes on
-        return f"failed: {type(e).__name__}: {e}"
+        return {"exllamav2_ppl": f"failed: {type(e).__name__}: {e}"}
 
 
 def main() -> None:
@@ -150,19 +158,19 @@ def main() -> None:
                     json.dump({"bpw": r["bpw"], "convert_s": r["convert_s"]}, f)
             r.update(score(out, rows, args.device))
             if not args.no_exllamav2:
-                r["exllamav2_ppl"] = exllamav2_ppl(out, rows)
+                r.update(exllamav2_check(out, rows, r["prompt_ids"], r["answer_ids"]))
         except Exception as e:  # noqa: BLE001 - one failing target must not lose the others
             r["error"] = f"{type(e).__name__}: {e}"
         report["results"].append(r)
         save()
         print(f"{target}: bpw {r.get('bpw')} convert {r.get('convert_s')} s ppl {r.get('ppl')} "
-              f"exllamav2 {r.get('exllamav2_ppl')} {r.get('answer', r.get('error', ''))[:60]!r}", flush=True)
+              f"exllamav2 {r.get('exllamav2_ppl')} same greedy {r.get('exllamav2_same_greedy')} {r.get('answer', r.get('error', ''))[:60]!r}", flush=True)
 
     print()
-    print(f"{'target':>8} {'bpw':>7} {'conv s':>7} {'ppl':>9} {'exl2 ppl':>9}  answer")
+    print(f"{'target':>8} {'bpw':>7} {'conv s':>7} {'ppl':>9} {'exl2 ppl':>9} {'same':>5}  answer")
     for r in report["results"]:
         print(f"{r['bpw_target']!s:>8} {r.get('bpw', '')!s:>7} {r.get('convert_s', '')!s:>7} "
-              f"{r.get('ppl', '')!s:>9} {r.get('exllamav2_ppl', '')!s:>9}  "
+              f"{r.get('ppl', '')!s:>9} {r.get('exllamav2_ppl', '')!s:>9} {r.get('exllamav2_same_greedy', '')!s:>5}  "
               f"{(r.get('answer') or r.get('error') or r.get('skipped') or '')[:60]!r}")
     print(f"total {time.perf_counter() - start:.0f} s; JSON: {out_json}")
     save()
