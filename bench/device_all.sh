@@ -114,7 +114,7 @@ PY
 wait)
   end=$((SECONDS + ${2:-500}))
   while [ $SECONDS -lt $end ] && ! grep -q "pipeline finished" $R/progress.txt 2>/dev/null; do sleep 5; done
-  cp -r $R/. "$OUT"/; cat $R/progress.txt; tail -3 $R/pipeline.log
+  tar -czf "$OUT"/res.tgz -C $R .; cat $R/progress.txt | tail -8; tail -3 $R/pipeline.log
   # keep calls back to back: the machine is given back after 30 s idle
   ;;
 sync)

@@ -412,3 +412,28 @@ def test_banned_string_is_rolled_back_and_resampled_on_the_real_model(engine) ->
     assert banned != plain
     prefix = plain[: plain.lower().find(word.lower())]
     assert banned.startswith(prefix)  # text before the banned word was kept, not regenerated
+
+
+def test_draw_never_returns_a_zero_probability_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.multinomial on CUDA can pick a zero-probability index (pytorch#48841); draw() draws again.
+
+    The CUDA defect is reproduced by making the first multinomial call answer a forbidden index."""
+    from app.engine import samplers
+
+    probs = torch.tensor([0.0, 0.25, 0.0, 0.75])
+    real = torch.multinomial
+    calls: list[int] = []
+
+    def flaky(p: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        calls.append(1)
+        return torch.tensor([2]) if len(calls) == 1 else real(p, n, generator=generator)
+
+    monkeypatch.setattr(torch, "multinomial", flaky)
+    picked = samplers.draw(probs, torch.Generator().manual_seed(0))
+    assert picked in (1, 3) and len(calls) == 2
+    monkeypatch.setattr(torch, "multinomial", real)
+    g = torch.Generator().manual_seed(1)
+    draws = [samplers.draw(probs, g) for _ in range(400)]
+    assert set(draws) <= {1, 3} and 0.6 < draws.count(3) / 400 < 0.9
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    assert [samplers.draw(probs, g1) for _ in range(20)] == [samplers.draw(probs, g2) for _ in range(20)]

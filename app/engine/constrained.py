@@ -173,6 +173,9 @@ class Constraint:
         import torch
 
         self._wait()
+        if self._matcher.is_error():  # its mask would be meaningless: stop with llguidance's reason
+            raise GenerationError(f"constrained decoding stopped: {self._matcher.get_error()}",
+                                  hint="Simplify the schema or regular expression.")
         device = logits.device
         shifts = self._shifts.get(device)
         if shifts is None:

@@ -290,6 +290,7 @@ class Generator:
             return Chunk(text, new, n_prompt, len(generated), t_prefill, time.perf_counter() - t1, finish, lps,
                          **speculative.counts(spec))
 
+        n_vocab = self.tokenizer.vocab_size
         if logits is None:
             yield chunk("", [], "cancelled")
             return
@@ -303,6 +304,7 @@ class Generator:
             ctx = SamplerContext(history=history, generated_start=n_prompt, settings=samplers,
                                  eos_ids=self.tokenizer.eos_ids, state=state)
             index = len(generated)
+            logits = logits[..., :n_vocab]  # a model's vocabulary padded past its tokenizer's: never pick those ids
             reply.before_sampling(index, logits, state)
             token = (spec.pick(logits, samplers, ctx, gen) if spec
                      else sample(constraint.apply(logits) if constraint else logits, samplers, ctx, gen))

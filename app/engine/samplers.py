@@ -504,6 +504,24 @@ def skew(logits: torch.Tensor, value: float, ctx: SamplerContext) -> torch.Tenso
     return out
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One index drawn from `probs` (a probability vector), never one whose probability is zero.
+
+    torch.multinomial on CUDA can return a zero-probability index once in a few thousand draws over a
+    large vocabulary (pytorch/pytorch#48841; its exponential race divides 0 by a 0 draw). A grammar
+    mask or a banned token must never be broken by that, so such a draw is simply made again: the
+    same seed still gives the same tokens, and on the CPU nothing changes."""
+    import torch
+
+    p = on_generator_device(probs, generator)
+    for _ in range(16):
+        pick = torch.multinomial(p, 1, generator=generator)
+        index, weight = torch.cat([pick.to(p.dtype), p[pick]]).tolist()  # one host read for both
+        if weight > 0:
+            return int(index)
+    return int(torch.argmax(p))
+
+
 def on_generator_device(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Draw where the generator lives: on the GPU for a seeded GPU run (no host copy of the row)."""
     if generator is None:
@@ -524,7 +542,7 @@ def mirostat_draw(logits: torch.Tensor, settings: Mapping[str, Any], state: Samp
     probs = torch.softmax(values, dim=-1)
     keep = max(1, int((-torch.log2(probs) <= mu).sum()))
     kept = probs[:keep] / probs[:keep].sum()
-    pick = int(torch.multinomial(on_generator_device(kept, generator), 1, generator=generator))
+    pick = draw(kept, generator)
     state.mirostat_mu = mu - eta * (-math.log2(float(kept[pick])) - tau)
     return int(ids[pick])
 
@@ -692,7 +710,7 @@ def sample(logits: torch.Tensor, settings: Mapping[str, Any], ctx: SamplerContex
     if mirostat_on(settings):
         return mirostat_draw(x, settings, ctx.state, generator)
     probs = torch.softmax(x, dim=-1)
-    return int(torch.multinomial(on_generator_device(probs, generator), 1, generator=generator))
+    return draw(probs, generator)
 
 
 

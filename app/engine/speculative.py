@@ -37,9 +37,9 @@ from .errors import GenerationError, OutOfMemoryError, TokenizerError
 from .samplers import (
     SamplerContext,
     SamplerState,
+    draw,
     is_greedy,
     mirostat_on,
-    on_generator_device,
     probabilities,
     sample,
 )
@@ -93,7 +93,7 @@ def speculative_pick(p: torch.Tensor, token: int, q: torch.Tensor | None,
     residual = (p - qv).clamp(min=0.0)
     if float(residual.sum()) <= 0.0:  # p <= q everywhere but the draw was refused: only by rounding
         residual = p
-    return int(torch.multinomial(on_generator_device(residual, generator), 1, generator=generator))
+    return draw(residual, generator)
 
 
 # --- drafters --------------------------------------------------------------------------------------
@@ -142,8 +142,7 @@ class DraftModel:
                     prop = Proposal(sample(logits, spec.samplers, ctx, None))
                 else:
                     q = probabilities(logits, spec.samplers, ctx, spec.draft_rng).cpu()
-                    prop = Proposal(int(torch.multinomial(on_generator_device(q, spec.draft_rng), 1,
-                                                          generator=spec.draft_rng)), q)
+                    prop = Proposal(draw(q, spec.draft_rng), q)
             except GenerationError:  # e.g. a logit bias naming an id past the draft's head: stop here
                 break
             out.append(prop)
