@@ -39,7 +39,8 @@ def estimate_row(folder: str, context: int, mode: str, chunk: int) -> dict[str, 
     from app.planner import estimate, spec_from_folder
 
     est = estimate(spec_from_folder(folder), context, mode, chunk_size=chunk)
-    return {"estimate_total": est.total, "estimate_tensors": est.total - est.cuda_context,
+    return {"estimate_total": est.total,
+            "estimate_tensors": est.total - est.cuda_context - est.decode_graph - est.allocator,
             "estimate_terms": est.terms()}
 
 
@@ -138,18 +139,21 @@ def mib(n: int | None) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'model':<28} {'ctx':>7} {'cache':>5} {'est MiB':>9} {'nvml MiB':>9} {'est/nvml':>8} "
-            f"{'est-ctx':>9} {'alloc MiB':>9} {'est/alloc':>9}")
+    """Estimate against NVML's sampled peak (the end reading where no peak was sampled), and the
+    estimate's tensor terms (no context, graph or allocator slack) against torch's allocated peak."""
+    head = (f"{'model':<28} {'ctx':>7} {'cache':>5} {'est MiB':>9} {'nvml peak':>9} {'est/nvml':>8} "
+            f"{'tensors':>9} {'alloc MiB':>9} {'est/alloc':>9} {'reserved':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r or "skipped" in r:
             lines.append(f"{r['model']:<28} {r['context']:>7} {r['cache_mode']:>5}  "
                          f"{'skipped: ' + r['skipped'] if 'skipped' in r else 'error: ' + r['error'][-120:]}")
             continue
+        nvml = r.get("nvml_peak_delta") or r.get("nvml_delta")
         lines.append(f"{r['model'][:28]:<28} {r['context']:>7} {r['cache_mode']:>5} {mib(r['estimate_total']):>9} "
-                     f"{mib(r.get('nvml_delta')):>9} {ratio(r['estimate_total'], r.get('nvml_delta')):>8} "
+                     f"{mib(nvml):>9} {ratio(r['estimate_total'], nvml):>8} "
                      f"{mib(r['estimate_tensors']):>9} {mib(r.get('max_allocated')):>9} "
-                     f"{ratio(r['estimate_tensors'], r.get('max_allocated')):>9}")
+                     f"{ratio(r['estimate_tensors'], r.get('max_allocated')):>9} {mib(r.get('max_reserved')):>9}")
     return "\n".join(lines)
 
 

@@ -128,6 +128,22 @@ def test_recent_tokens_read_back_exactly_and_survive_a_truncate(monkeypatch) -> 
     assert 0 < err < 0.2                                    # slots of 17..21 were reused: quantized copy
 
 
+def test_reading_back_in_pieces_gives_the_same_values(monkeypatch) -> None:
+    """The quantized span is read back SLAB positions at a time (bounded, reusable temporaries): any
+    piece size gives the very values of one piece for the whole span."""
+    import app.engine.kv_quant as kvq
+
+    torch.manual_seed(4)
+    k, v = torch.randn(1, 150, 3, 64).half(), torch.randn(1, 150, 3, 64).half()
+    reads = []
+    for slab in (4096, 7):
+        monkeypatch.setattr(kvq, "SLAB", slab)
+        cache = KVCache.allocate(config(64), 160, "cpu", torch.float16, mode="q4")
+        cache.update(0, 0, k[:, :140], v[:, :140])
+        reads.append(cache.update(0, 140, k[:, 140:], v[:, 140:]))
+    assert torch.equal(reads[0][0], reads[1][0]) and torch.equal(reads[0][1], reads[1][1])
+
+
 @pytest.fixture(scope="module")
 def engine(smollm2_fp16_dir) -> Engine:
     return Engine.load(smollm2_fp16_dir, "cpu", max_seq_len=1024)

@@ -92,18 +92,17 @@ def test_activation_terms_follow_the_documented_formulas(smollm2_fp16_dir: str) 
     e = estimate(spec, 8192, "fp16", chunk_size=512, batch=2)
     assert e.activations == 2 * 512 * 2 * (2 * c.hidden_size + 2 * c.q_dim + 2 * c.kv_dim + 3 * c.intermediate_size) \
         + o.workspace_bytes
-    assert e.attention_scores == 2 * 512 * 8192 * 3          # causal mask of chunked prefill
     assert e.logits == 2 * c.vocab_size * 4                   # chat: the last position's logits only
-    assert e.kv_scratch == 0                                  # fp16 caches are read in place
+    assert e.kv_scratch == 0 and e.kernel_layout == 0         # fp16 caches are read in place; fp16 weights as stored
+    assert e.decode_graph == o.graph_bytes and e.cuda_context == o.cuda_context_bytes
     q4 = estimate(spec, 8192, "q4", chunk_size=512, batch=2)
-    from app.engine.kv_quant import EXACT_TOKENS, RECENT_TOKENS
+    from app.engine.kv_quant import EXACT_TOKENS, RECENT_TOKENS, SLAB
 
     exact = 2 * c.num_layers * c.kv_dim * 2 * (2 * (EXACT_TOKENS + RECENT_TOKENS) + 1)
-    assert q4.kv_scratch == 2 * 8192 * c.kv_dim * 12 + exact  # read-back + temporaries + exact tokens
-    short = estimate(spec, 100, "fp16", chunk_size=512)       # one chunk holds it all: plain causal, no mask
-    assert short.attention_scores == 0
-    no_mask = estimate(spec, 8192, "fp16", overheads=Overheads(scores_bytes=0))
-    assert no_mask.attention_scores == 0 and no_mask.cuda_context == o.cuda_context_bytes
+    read_back, pieces = 2 * 8192 * c.kv_dim * 4, 2 * SLAB * c.kv_dim * 16
+    assert q4.kv_scratch == read_back + pieces + exact         # read-back buffers + one piece's fp32 temporaries
+    assert q4.decode_graph == 0                                # quantized caches decode without the graph
+    assert e.allocator == int(spec.weight_bytes * o.allocator_fraction) + o.allocator_fixed_bytes
 
 
 def test_slots_multiply_the_kv_cache_only(smollm2_fp16_dir: str) -> None:
@@ -115,15 +114,16 @@ def test_slots_multiply_the_kv_cache_only(smollm2_fp16_dir: str) -> None:
 
 
 def test_estimate_tracks_the_h100_measurements(smollm2_fp16_dir: str) -> None:
-    """Torch's peak allocation measured on an H100 (docs/MEASUREMENTS.md, SmolLM2-135M fp16, the
-    context filled in 2048-token chunks, then decode): the tensor terms stay within 10 %."""
+    """NVML's peak used memory measured on an H100 (docs/MEASUREMENTS.md, session 4: SmolLM2-135M fp16,
+    the context filled in 2048-token chunks, then decode steps): the estimate is within 5 %.
+    32k with a q4 cache is left out: it was measured before the cache read back in fixed-size pieces
+    (1698 MiB then, 344 MiB of it allocator fragmentation that the pieces remove)."""
     spec = spec_from_folder(smollm2_fp16_dir)
-    measured_mib = {(2048, "q8"): 339, (2048, "q4"): 328, (8192, "fp16"): 536, (8192, "q8"): 452,
-                    (8192, "q4"): 405, (32768, "fp16"): 1218, (32768, "q8"): 905, (32768, "q4"): 725}
-    for (context, mode), mib in measured_mib.items():
-        e = estimate(spec, context, mode)
-        tensors = e.total - e.cuda_context - e.allocator
-        assert 0.95 <= tensors / (mib * 2 ** 20) <= 1.10, (context, mode, tensors / 2 ** 20)
+    nvml_peak_mib = {(2048, "fp16"): 1210, (2048, "q4"): 1050, (8192, "fp16"): 1354, (8192, "q4"): 1120,
+                     (32768, "fp16"): 1880}
+    for (context, mode), mib in nvml_peak_mib.items():
+        ratio = estimate(spec, context, mode).total / (mib * 2 ** 20)
+        assert 0.95 <= ratio <= 1.05, (context, mode, ratio)
 
 
 def test_llama3_8b_shape_gives_plausible_numbers() -> None:
@@ -169,7 +169,7 @@ def test_best_branch_picks_the_highest_bpw_that_fits() -> None:
     assert estimate(spec, 4096, "fp16", chunk_size=512).total <= free
     higher = [s for _, s in branches if s.bits_per_weight > spec.bits_per_weight]
     assert higher and all(estimate(s, 4096, "fp16", chunk_size=512).total > free for s in higher)
-    assert name == "6.0bpw"  # ~7.5 GiB with a 4k cache; 8.0 bpw is ~9 GiB
+    assert name == "5.0bpw"  # ~7.2 GiB with a 4k cache; 6.0 bpw is just over 8 GiB
     assert best_branch(branches, 2 * GIB, 4096, "fp16") is None
 
 

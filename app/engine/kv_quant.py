@@ -41,6 +41,16 @@ from .cache import CACHE_GROUP_SIZE as GROUP  # cache imports this module lazily
 MEAN_TOKENS = 32  # keys after position 0 whose pre-RoPE mean centres the rest (measured best of 32 / all)
 EXACT_TOKENS = 4  # the first positions (attention sinks: most heads attend to them heavily) kept in fp16
 RECENT_TOKENS = 64  # the latest positions, kept in fp16 too: nearby tokens draw much of the attention
+# Positions dequantized per piece when the cache is read back. One piece for the whole span made fp32
+# temporaries that grew with every prefill chunk; the caching allocator could reuse none of them and
+# held 2-4 GB more than it used at 32k (8B shape, H100). Fixed-size pieces bound them and are reused.
+SLAB = 4096
+
+
+def scratch_bytes(kv_dim: int, max_seq_len: int, batch: int = 1) -> int:
+    """Peak fp32 temporaries of one read-back piece (SLAB positions at most): unpacked codes as fp32,
+    their rotation, the key offset and its RoPE halves; four such tensors are alive at once."""
+    return batch * min(SLAB, max_seq_len) * kv_dim * 4 * 4
 
 
 def fixed_bytes(num_layers: int, kv_dim: int, max_seq_len: int, batch: int = 1) -> int:
@@ -245,14 +255,14 @@ class QuantKVCache:
         vb[:, :n] = self.sink_values[layer][:, :n]
         lo = max(n, start - self.recent, self.ring_end[layer] - self.recent)
         quantized_end = min(lo, start)
-        if n < quantized_end:
-            span = slice(n, quantized_end)
-            deq = dequantize(self.keys[layer][:, span], self.key_scales[layer][:, span], self.bits, self.rot,
+        for a in range(n, quantized_end, SLAB):  # fixed-size pieces: temporaries of one size, reused
+            b = min(a + SLAB, quantized_end)
+            deq = dequantize(self.keys[layer][:, a:b], self.key_scales[layer][:, a:b], self.bits, self.rot,
                              torch.float32)
-            kb[:, span] = deq[..., :self.head_dim] + self._key_offset(layer, n, quantized_end)
-            deq = dequantize(self.values[layer][:, span], self.value_scales[layer][:, span], self.bits,
+            kb[:, a:b] = deq[..., :self.head_dim] + self._key_offset(layer, a, b)
+            deq = dequantize(self.values[layer][:, a:b], self.value_scales[layer][:, a:b], self.bits,
                              self.rot, self.dtype)
-            vb[:, span] = deq[..., :self.head_dim]
+            vb[:, a:b] = deq[..., :self.head_dim]
         if lo < start:
             slots = torch.arange(lo, start, device=k.device) % self.recent
             kb[:, lo:start] = self.recent_keys[layer][:, slots]

@@ -1,37 +1,40 @@
 """VRAM estimate for running a model: one function, one documented formula per term.
 
-    total = weights + kv_cache + kv_scratch + activations + attention_scores + logits + cuda_context
-            + allocator
+    total = weights + kernel_layout + kv_cache + kv_scratch + activations + logits + cuda_context
+            + decode_graph + allocator
 
 weights           Exact tensor bytes from the folder's safetensors headers, or the branch's file sizes on
                   the Hub (slight overestimate: each file's header is counted too), or parameters x bpw
                   for a planned quantization (see weights.quantized_weight_bytes).
+kernel_layout     EXL2 models only: Overheads.exl2_layout_fraction x weights, what the CUDA kernels' copy
+                  of the packed tensors adds on load (padding rows, widened permutations; measured 2.6 % on
+                  a 1B and 2.8 % on an 8B shape). Unquantized weights are used as stored: 0.
 kv_cache          app.engine.cache.kv_bytes_per_token(config, cache_mode) x context x batch x slots: the
                   engine's own formula, not restated here. `slots` is how many conversations keep their
                   cache on the GPU at once (the engine keeps a second one only when memory allows).
 kv_scratch        Quantized modes only: what the cache holds beside its storage (app.engine.kv_quant.
-                  fixed_bytes: fp16 read-back buffers, exact sink/recent copies, key means; the engine's
-                  formula, not restated here) plus the fp32 key-offset and dequantization temporaries of
-                  one layer: batch x context x kv_dim x 2 x 4. FP16 caches are read in place: 0.
+                  fixed_bytes: fp16 read-back buffers, exact sink/recent copies, key means) plus the fp32
+                  temporaries of one read-back piece (kv_quant.scratch_bytes); the engine's formulas, not
+                  restated here. FP16 caches are read in place: 0.
 activations       Scratch for one prefill chunk of c = min(chunk_size, context) tokens, fp16 (2 bytes):
                   batch x c x 2 x (2*hidden [residual, normed] + 2*q_dim [q, attention output]
                   + 2*kv_dim [new k, v] + 3*intermediate [gate, up, gate*up]), plus
-                  Overheads.workspace_bytes (cuBLAS workspace, taken from the same allocator).
-attention_scores  Chunked prefill past the first chunk, as measured: SDPA got a boolean causal mask of
-                  c x context and expanded it to an additive fp16 one: batch x c x context x
-                  Overheads.scores_bytes (3) when context > c, else 0 (the first chunk is plain causal).
-                  The scores themselves are never materialised on the GPU (flash / efficient kernels).
-                  The engine now passes a lower-right causal bias instead (no mask; the explicit mask
-                  stays as its fallback); until that is measured on a GPU this term stays as a margin.
+                  Overheads.workspace_bytes (cuBLAS workspace and small buffers from the same allocator).
+                  Attention scores are never materialised: SDPA's flash / efficient kernels get a
+                  lower-right causal bias, and the measured peak does not grow with the context.
 logits            batch x vocab x 4 bytes: chat keeps the fp32 logits of the last position only
                   (perplexity scoring of a whole chunk needs c times as much; the planner plans chats).
 cuda_context      Overheads.cuda_context_bytes: the CUDA context and loaded kernels (outside torch's
                   allocator; NVML sees it, torch.cuda.max_memory_allocated does not).
-allocator         Overheads.allocator_fraction x (all tensor terms above) + Overheads.allocator_fixed_bytes:
-                  the caching allocator's block rounding and fragmentation.
+decode_graph      FP16 caches only (the decode step is then captured in a CUDA graph):
+                  Overheads.graph_bytes, what NVML shows beyond the context once the graph exists.
+allocator         Overheads.allocator_fraction x weights + Overheads.allocator_fixed_bytes: what the
+                  caching allocator reserves beyond what is allocated. Measured, it follows the weights
+                  (many blocks) and not the cache (a few large blocks, allocated once).
 
-Calibration (docs/MEASUREMENTS.md, "VRAM planner"): measured on an H100 80GB, torch 2.11 + CUDA 13,
-SmolLM2-135M at 2k/8k/32k with fp16/q8/q4 caches.
+Calibration (docs/MEASUREMENTS.md, "VRAM planner"): an H100 80GB, torch 2.11 + CUDA 13; SmolLM2-135M
+(fp16) and synthetic 1B / 8B-shape EXL2 folders at 2k/8k/32k with fp16 and q4 caches, each case's peak
+read from NVML (sampled every 10 ms) and from torch's reserved and allocated counters.
 """
 
 from __future__ import annotations
@@ -56,11 +59,12 @@ MAX_CONTEXT_SEARCH = 1 << 24   # 16M tokens: an upper bound for the inverse sear
 class Overheads:
     """Constants measured on the device (module docstring)."""
 
-    cuda_context_bytes: int = 700 * MIB    # measured 692 MiB (H100, torch 2.11/CUDA 13) + the decode graph
-    workspace_bytes: int = 32 * MIB        # cuBLAS workspace on Hopper, allocated through torch
-    allocator_fraction: float = 0.03       # caching-allocator rounding / fragmentation
-    allocator_fixed_bytes: int = 64 * MIB
-    scores_bytes: int = 3                  # bytes per causal-mask element (bool + fp16 additive form)
+    cuda_context_bytes: int = 692 * MIB    # NVML minus torch's reserved peak, every case without a graph
+    graph_bytes: int = 70 * MIB            # the same with the decode step's CUDA graph (fp16 caches): 762 MiB
+    workspace_bytes: int = 48 * MIB        # cuBLAS workspace and small buffers, allocated through torch
+    allocator_fraction: float = 0.04       # reserved minus allocated, per byte of weights
+    allocator_fixed_bytes: int = 32 * MIB
+    exl2_layout_fraction: float = 0.027    # the kernels' copy of EXL2 tensors beyond the file's bytes
 
 
 DEFAULT_OVERHEADS = Overheads()
@@ -160,16 +164,18 @@ class Estimate:
     chunk_size: int
     batch: int
     weights: int
+    kernel_layout: int
     kv_cache: int
     kv_scratch: int
     activations: int
-    attention_scores: int
     logits: int
     cuda_context: int
+    decode_graph: int
     allocator: int
     overheads: Overheads = field(default=DEFAULT_OVERHEADS, repr=False)
 
-    TERMS = ("weights", "kv_cache", "kv_scratch", "activations", "attention_scores", "logits", "cuda_context", "allocator")
+    TERMS = ("weights", "kernel_layout", "kv_cache", "kv_scratch", "activations", "logits", "cuda_context",
+             "decode_graph", "allocator")
 
     def terms(self) -> dict[str, int]:
         """Bytes per term, in display order."""
@@ -192,19 +198,19 @@ def estimate(model: ModelSpec, context: int, cache_mode: str, chunk_size: int = 
     c = model.config
     chunk = min(chunk_size, context)
     kv = cache.kv_bytes_per_token(c, cache_mode) * context * batch * slots
+    layout = int(model.weight_bytes * overheads.exl2_layout_fraction) if model.bpw is not None else 0
     kv_scratch = 0
     if cache_mode != "fp16":
-        from app.engine.kv_quant import fixed_bytes
+        from app.engine.kv_quant import fixed_bytes, scratch_bytes
 
-        kv_scratch = fixed_bytes(c.num_layers, c.kv_dim, context, batch) + batch * context * c.kv_dim * 8
+        kv_scratch = fixed_bytes(c.num_layers, c.kv_dim, context, batch) + scratch_bytes(c.kv_dim, context, batch)
     activations = batch * chunk * 2 * (2 * c.hidden_size + 2 * c.q_dim + 2 * c.kv_dim + 3 * c.intermediate_size)
     activations += overheads.workspace_bytes
-    scores = batch * chunk * context * overheads.scores_bytes if context > chunk else 0
     logits = batch * c.vocab_size * 4
-    tensors = model.weight_bytes + kv + kv_scratch + activations + scores + logits
-    allocator = int(tensors * overheads.allocator_fraction) + overheads.allocator_fixed_bytes
-    return Estimate(model, context, cache_mode, chunk_size, batch, model.weight_bytes, kv, kv_scratch, activations,
-                    scores, logits, overheads.cuda_context_bytes, allocator, overheads)
+    graph = overheads.graph_bytes if cache_mode == "fp16" else 0
+    allocator = int(model.weight_bytes * overheads.allocator_fraction) + overheads.allocator_fixed_bytes
+    return Estimate(model, context, cache_mode, chunk_size, batch, model.weight_bytes, layout, kv, kv_scratch,
+                    activations, logits, overheads.cuda_context_bytes, graph, allocator, overheads)
 
 
 def max_context(model: ModelSpec, free_bytes: int, cache_mode: str, chunk_size: int = 2048, batch: int = 1,

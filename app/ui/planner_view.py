@@ -221,13 +221,13 @@ SEGMENT_COLORS = {"Weights": "#4f63f0", "KV cache": "#17a2b8", "Activations": "#
 
 
 def bar_segments(est: Any) -> list[tuple[str, int, str]]:
-    """The estimate's terms in four groups people can read: weights, KV cache, activations (cache
-    read-back scratch, prefill scratch, attention mask, logits) and overhead (CUDA context, allocator slack)."""
-    return [("Weights", est.weights, SEGMENT_COLORS["Weights"]),
+    """The estimate's terms in four groups people can read: weights (with the kernels' layout), KV
+    cache, activations (cache read-back scratch, prefill scratch, logits) and overhead (CUDA context,
+    decode graph, allocator slack)."""
+    return [("Weights", est.weights + est.kernel_layout, SEGMENT_COLORS["Weights"]),
             ("KV cache", est.kv_cache, SEGMENT_COLORS["KV cache"]),
-            ("Activations", est.kv_scratch + est.activations + est.attention_scores + est.logits,
-             SEGMENT_COLORS["Activations"]),
-            ("Overhead", est.cuda_context + est.allocator, SEGMENT_COLORS["Overhead"])]
+            ("Activations", est.kv_scratch + est.activations + est.logits, SEGMENT_COLORS["Activations"]),
+            ("Overhead", est.cuda_context + est.decode_graph + est.allocator, SEGMENT_COLORS["Overhead"])]
 
 
 class MemoryBar(QWidget):
