@@ -243,6 +243,21 @@ class Generator:
         assert logits is not None
         return logits[0, -1]
 
+    def _extend(self, ids: list[int]) -> torch.Tensor:
+        """_prefill for a cache that already holds all of `ids` but the last token (a draft model
+        catching up one token per round): that token takes the decode step, a CUDA-graph replay
+        where possible, instead of an eager forward pass."""
+        self._select_slot(ids)
+        keep = common_prefix(self._cached_ids, ids)
+        if keep == 0 or keep != len(ids) - 1:
+            return self._prefill(ids)
+        self.cache.truncate(keep)
+        self._cached_ids = self._cached_ids[:keep]
+        logits = self._decode_one(ids[-1], keep)
+        self._cached_ids.append(ids[-1])
+        self.last_prefill_tokens = 1
+        return logits
+
     def stream(self, prompt_ids: list[int], settings: GenerationSettings | None = None) -> Iterator[Chunk]:
         """Generate from token ids, yielding text chunks; the last chunk carries finish_reason."""
         settings = settings or GenerationSettings()

@@ -132,7 +132,7 @@ class DraftModel:
 
     def propose(self, history: torch.Tensor, k: int, spec: Speculation) -> list[Proposal]:
         g = self.generator
-        logits = g._prefill(history.tolist())
+        logits = g._extend(history.tolist())
         out: list[Proposal] = []
         hist = history
         for j in range(k):
@@ -149,8 +149,7 @@ class DraftModel:
             if j == k - 1 or prop.token in spec.eos_ids:
                 break
             hist = torch.cat([hist, torch.tensor([prop.token])])
-            logits = g.model.forward(torch.tensor([[prop.token]], device=g.model.device), g.cache,
-                                     len(g._cached_ids))[0, -1]
+            logits = g._decode_one(prop.token, len(g._cached_ids))  # a CUDA-graph replay where possible
             g._cached_ids.append(prop.token)
         return out
 
@@ -264,7 +263,10 @@ class Speculation:
         try:
             drafts = self.drafter.propose(history, k, self) if k else []
             ids = [token] + [d.token for d in drafts]
-            out = g.model.forward(torch.tensor([ids], device=g.model.device), g.cache, pos)[0]
+            if not drafts:  # nothing to check (no n-gram match): the plain decode step, graph and all
+                out = g._decode_one(token, pos)[None]
+            else:
+                out = g.model.forward(torch.tensor([ids], device=g.model.device), g.cache, pos)[0]
         except torch.cuda.OutOfMemoryError as e:
             raise OutOfMemoryError("the GPU ran out of memory mid-reply (speculative decoding)",
                                    hint="Use a smaller context, a smaller draft or none, or a Q4 cache.") from e
