@@ -118,6 +118,12 @@ def batches(states: torch.Tensor, tokens_per_batch: int = 16384) -> list[slice]:
 
 
 def relative_error(y: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Per-row ||y - ref||_F / ||ref||_F for (B, T, H) outputs, shape (B,)."""
-    d = (y - ref).flatten(1).norm(dim=1)
-    return d / ref.flatten(1).norm(dim=1).clamp(min=1e-12)
+    """Per row, the mean over tokens of ||y_t - ref_t|| / ||ref_t|| for (B, T, H) outputs: shape (B,).
+
+    Per token, not one norm per row: a few tokens (the first, chat markers) carry residual-stream
+    values hundreds of times larger than the rest in the middle layers, and a row-wide norm is then
+    theirs alone. Every other token's error vanished beside it, the optimizer took those layers for
+    robust and gave them ~2.2 bpw at a 4.0 bpw target (perplexity 23.6; the same quantizer with
+    exllamav2's measurement: 17.2)."""
+    d = (y - ref).float().norm(dim=-1)
+    return (d / ref.float().norm(dim=-1).clamp(min=1e-12)).mean(dim=-1)

@@ -60,6 +60,18 @@ TASKS = [
     "Describe {t} with concrete examples.", "Answer as an expert: what should everyone know about {t}?",
 ]
 
+# Openings of plain text (no chat template) the model continues in their own style: documentation,
+# code, prose, tables, data. Chat answers alone are one register; quantized models meet all of these.
+OPENINGS = [
+    "Chapter 1\n\n", "# Installation\n\n", "def ", "import numpy as np\n", "class ", "#include <stdio.h>\n",
+    "SELECT ", "<!DOCTYPE html>\n<html>\n", "Abstract\n\n", "1. Introduction\n\n", "The ", "In 1887, ",
+    "Q: ", "| Name | Value |\n|---|---|\n", "{\n  \"", "Dear ", "Once upon a time, ", "Theorem 1. ",
+    "Usage:\n  ", "Note: ", "Syntax\n******\n\n", ">>> ", "Step 1: ", "fn main() {\n", "$ ", "WASHINGTON — ",
+    "Ingredients:\n- ", "The following example shows how to ", "Section 3.2 ", "---\ntitle: ", "/**\n * ",
+    "According to the report, ",
+]
+PLAIN_SHARE = 0.5  # the share of self-generated rows that start from a plain-text opening, not a chat
+
 
 def _read_texts(path: str, text_field: str) -> list[str]:
     if not os.path.isfile(path):
@@ -118,7 +130,8 @@ def rows_from_files(settings: CalibrationSettings, tokenizer: Tokenizer) -> list
 
 def self_generated_rows(model_folder: str, settings: CalibrationSettings, device: str = "auto",
                         progress: Progress | None = None) -> list[list[int]]:
-    """Data-free calibration: the model answers seeded prompts; each row is chat prompts + answers.
+    """Data-free calibration: the model answers seeded chat prompts or continues seeded plain-text
+    openings (about half each); each row is such prompts and what the model wrote after them.
 
     All rows advance together one position per step (batch = rows), so no padding or masks are
     needed: a row whose prompt is not yet consumed is fed its next prompt token, otherwise the
@@ -135,6 +148,8 @@ def self_generated_rows(model_folder: str, settings: CalibrationSettings, device
     model = engine.model
 
     def prompt() -> deque[int]:
+        if rng.random() < PLAIN_SHARE:
+            return deque(engine.tokenizer.encode(rng.choice(OPENINGS), add_bos=True, special=False))
         text = rng.choice(TASKS).format(t=rng.choice(TOPICS))
         return deque(engine.chat_prompt_ids([{"role": "user", "content": text}]))
 

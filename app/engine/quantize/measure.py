@@ -2,8 +2,9 @@
 
 Per decoder layer there are two blocks (attention, MLP). Each linear layer is GPTQ-quantized once
 per distinct candidate spec; each block option (one spec per projection) is then scored by the
-relative Frobenius error of the block's output (residual included) against the fp16 block on the
-calibration states, and costed in exact stored bits. States flow to the next layer through the
+relative error of the block's output (residual included) against the fp16 block on the calibration
+states, token by token and averaged (blocks.relative_error says why not one norm per row), and
+costed in exact stored bits. States flow to the next layer through the
 fp16 blocks. The result is saved as our own JSON; exllamav2's measurement.json can be read too.
 """
 
