@@ -27,6 +27,9 @@ sync_tree() { tar --exclude=.whl --exclude=.git -cf - . | (cd /root/repo && tar 
 step_gpu() {
   (cd /root/repo && timeout ${GPU_TESTS_S:-420} python3 -m pytest -q -m gpu -p no:cacheprovider \
       tests/test_cuda_kernels.py tests/test_gpu_engine.py tests/test_lora.py 2>&1 | tail -25) > $R/gpu_tests.txt
+  # the half2 gemv on: do greedy tokens still match the PyTorch path and the eager path?
+  (cd /root/repo && KESTREL_GEMV_EXACT=0 timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider \
+      tests/test_cuda_kernels.py tests/test_gpu_engine.py -k "greedy or graph" 2>&1 | tail -25) > $R/gpu_tests_half2.txt
 }
 step_planner() {
   [ -d /root/syn1b ] || python3 bench/synthetic_exl2.py /root/syn1b --shape llama3.2-1b --tokenizer-from $FP16 | tail -1
