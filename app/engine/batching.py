@@ -378,7 +378,7 @@ class Scheduler:
                 self._finish(job, "length")
                 return
             index = len(job.generated)
-            job.reply.before_sampling(index, logits, job.state)
+            logits = job.reply.before_sampling(index, logits, job.state)
             token = sample_for_job(job, logits)
             if token in job.stop_ids:
                 self._finish(job, "stop")

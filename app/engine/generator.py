@@ -61,11 +61,15 @@ class ReplyText:
         self.bans: dict[int, set[int]] = {}  # completion index -> ids banned there by rollbacks
         self.rollbacks = 0
 
-    def before_sampling(self, index: int, logits: torch.Tensor, state: SamplerState) -> None:
-        """Ban what rollbacks banned at this index; keep the logits while text is held back."""
+    def before_sampling(self, index: int, logits: torch.Tensor, state: SamplerState) -> torch.Tensor:
+        """Ban what rollbacks banned at this index; keep the logits while text is held back. Returns
+        the logits to sample from: cut to the tokenizer's vocabulary, as a model's head may be padded
+        past it and those ids cannot be detokenized."""
+        logits = logits[..., :self._tokenizer.vocab_size]
         state.banned_now = frozenset(self.bans.get(index, ()))
         if self.guard.banned:
             self.saved[index] = logits
+        return logits
 
     def feed(self, token: int, index: int) -> tuple[str, bool, int | None]:
         """(text to stream, whether a stop string ended it, completion index to roll back to or None)."""
@@ -233,29 +237,17 @@ class Generator:
             if self._cancel.is_set():
                 return None  # type: ignore[return-value]
             end = min(pos + self.prefill_chunk, len(ids))
-            chunk = torch.tensor([ids[pos:end]], device=self.model.device)
-            logits = self.model.forward(chunk, cache, pos, last_only=True)
+            if end - pos == 1:  # one token (a draft catching up, a regenerate): the decode step, graphed
+                logits = self._decode_one(ids[pos], pos)
+            else:
+                logits = self.model.forward(torch.tensor([ids[pos:end]], device=self.model.device), cache, pos,
+                                            last_only=True)[0, -1]
             self._cached_ids.extend(ids[pos:end])
             self.last_prefill_tokens += end - pos
             pos = end
             if self.on_prefill_chunk is not None:
                 self.on_prefill_chunk(pos, len(ids))
         assert logits is not None
-        return logits[0, -1]
-
-    def _extend(self, ids: list[int]) -> torch.Tensor:
-        """_prefill for a cache that already holds all of `ids` but the last token (a draft model
-        catching up one token per round): that token takes the decode step, a CUDA-graph replay
-        where possible, instead of an eager forward pass."""
-        self._select_slot(ids)
-        keep = common_prefix(self._cached_ids, ids)
-        if keep == 0 or keep != len(ids) - 1:
-            return self._prefill(ids)
-        self.cache.truncate(keep)
-        self._cached_ids = self._cached_ids[:keep]
-        logits = self._decode_one(ids[-1], keep)
-        self._cached_ids.append(ids[-1])
-        self.last_prefill_tokens = 1
         return logits
 
     def stream(self, prompt_ids: list[int], settings: GenerationSettings | None = None) -> Iterator[Chunk]:
@@ -305,7 +297,6 @@ class Generator:
             return Chunk(text, new, n_prompt, len(generated), t_prefill, time.perf_counter() - t1, finish, lps,
                          **speculative.counts(spec))
 
-        n_vocab = self.tokenizer.vocab_size
         if logits is None:
             yield chunk("", [], "cancelled")
             return
@@ -319,8 +310,7 @@ class Generator:
             ctx = SamplerContext(history=history, generated_start=n_prompt, settings=samplers,
                                  eos_ids=self.tokenizer.eos_ids, state=state)
             index = len(generated)
-            logits = logits[..., :n_vocab]  # a model's vocabulary padded past its tokenizer's: never pick those ids
-            reply.before_sampling(index, logits, state)
+            logits = reply.before_sampling(index, logits, state)
             token = (spec.pick(logits, samplers, ctx, gen) if spec
                      else sample(constraint.apply(logits) if constraint else logits, samplers, ctx, gen))
             if token in eos:

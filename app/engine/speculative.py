@@ -132,7 +132,7 @@ class DraftModel:
 
     def propose(self, history: torch.Tensor, k: int, spec: Speculation) -> list[Proposal]:
         g = self.generator
-        logits = g._extend(history.tolist())
+        logits = g._prefill(history.tolist())
         out: list[Proposal] = []
         hist = history
         for j in range(k):
