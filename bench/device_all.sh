@@ -9,7 +9,7 @@
 #   wait N    wait up to N s (or until the pipeline ends); copy /root/out to $OUT; print progress
 #   sync      copy the current tree over /root/repo (new kernels are rebuilt on first use)
 # Steps of the pipeline (STEPS to choose, phases in order, a+b at once): planner decode features
-# quantize longchat gpu
+# quantize longchat gpu; default "planner features longchat quantize+gpu decode" (timings alone)
 set -uo pipefail
 stage=${1:?start, pipeline, wait N or sync}
 OUT=${OUT:-/tmp/out}
@@ -25,8 +25,13 @@ log() { echo "$(date +%T) $*" | tee -a $R/progress.txt; }
 sync_tree() { tar --exclude=.whl --exclude=.git -cf - . | (cd /root/repo && tar -xf -); cp -r .carry /root/repo/ 2>/dev/null; }
 
 step_gpu() {
-  (cd /root/repo && timeout ${GPU_TESTS_S:-420} python3 -m pytest -q -m gpu -p no:cacheprovider \
-      tests/test_cuda_kernels.py tests/test_gpu_engine.py tests/test_lora.py 2>&1 | tail -25) > $R/gpu_tests.txt
+  # what changed most recently first (quantized-cache kernel, drafts' graph, graphs, greedy tokens), then the rest
+  local first="quantized or speculative or graph or greedy or cache_decode or attention_cached"
+  (cd /root/repo && timeout ${GPU_FIRST_S:-300} python3 -m pytest -q -m gpu -p no:cacheprovider \
+      tests/test_cuda_kernels.py tests/test_gpu_engine.py -k "$first" 2>&1 | tail -30) > $R/gpu_tests_first.txt
+  (cd /root/repo && timeout ${GPU_TESTS_S:-360} python3 -m pytest -q -m gpu -p no:cacheprovider \
+      tests/test_cuda_kernels.py tests/test_gpu_engine.py tests/test_lora.py -k "not ($first)" 2>&1 | tail -25) \
+      > $R/gpu_tests.txt
   # the half2 gemv on: do greedy tokens still match the PyTorch path and the eager path?
   (cd /root/repo && KESTREL_GEMV_EXACT=0 timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider \
       tests/test_cuda_kernels.py tests/test_gpu_engine.py -k "greedy or graph" 2>&1 | tail -25) > $R/gpu_tests_half2.txt
@@ -103,7 +108,7 @@ PY
   log "kestrel JIT: $(tail -1 $R/jit_kestrel.txt)"
   # A phase is one word of STEPS; steps joined by + run at the same time. The planner reads NVML's
   # whole-device figure and the decode/feature benchmarks are timings, so each runs alone.
-  for phase in ${STEPS:-planner features quantize+longchat+gpu decode}; do
+  for phase in ${STEPS:-planner features longchat quantize+gpu decode}; do
     case $phase in *features*|*decode*|*quantize*)
       for _ in $(seq 150); do grep -q "exllamav2 ext\|Error" $R/jit_exllamav2.txt 2>/dev/null && break; sleep 3; done;;
     esac

@@ -413,3 +413,97 @@ def test_graph_decode_gives_the_eager_tokens(smollm2_exl2_mixed, reference_dir, 
     # a second request on the same cache (prompt caching) replays the same graph
     again, _ = engine.generator.generate(ids, settings)
     assert again == graph_text
+
+
+def _quant_caches(bits: int, d: int, dtype: torch.dtype, s: int = 400):
+    """Two one-layer quantized caches on the GPU with real RoPE tables: one for QuantKVCache.update (the
+    reference), one for the decode-step kernel."""
+    from app.engine.kv_quant import QuantKVCache
+
+    inv, attn = inv_freq_for(d, 10000.0, None, 4096)
+    cos, sin = rope_tables(inv, attn, s, "cuda", dtype)
+
+    def rope(start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return cos[start:start + length], sin[start:start + length]
+
+    made = [QuantKVCache(1, 3, d, s, bits, f"q{bits}", "cuda", dtype, rope=rope) for _ in range(2)]
+    return made[0], made[1], cos, sin
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 80])
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_quantized_cache_decode_kernel_matches_update(backend, bits: int, d: int, dtype: torch.dtype) -> None:
+    """csrc/kv_quant.cu against QuantKVCache.update, token by token after a prefill longer than the
+    ring, and across a truncate: the same read-back (exact positions bit-equal, quantized ones within
+    rounding), the same stored codes and scales."""
+    gen = torch.Generator().manual_seed(bits * d)
+    ref, dev, cos, sin = _quant_caches(bits, d, dtype)
+    k = (torch.randn(1, 300, 3, d, generator=gen) + 2 * torch.randn(1, 1, 3, d, generator=gen)).to(dtype).cuda()
+    v = torch.randn(1, 300, 3, d, generator=gen).to(dtype).cuda()
+    for c in (ref, dev):
+        c.update(0, 0, k[:, :150], v[:, :150])
+    steps = list(range(150, 190)) + list(range(170, 200))  # the second run follows a truncate to 170
+    for i, pos in enumerate(steps):
+        if i == 40:
+            ref.truncate(pos)
+            dev.truncate(pos)
+        t = 250 + i if i >= 40 else pos  # other tokens after the truncate
+        exact = list(range(4)) + list(range(max(4, pos - 64, ref.ring_lo[0]), pos + 1))
+        want_k, want_v = ref.update(0, pos, k[:, t:t + 1], v[:, t:t + 1])
+        assert dev.decode_ready(pos)
+        kb, vb = dev.decode_target(0)
+        kb[:, pos], vb[:, pos] = k[:, t], v[:, t]
+        backend.kv_quant_decode(dev, 0, torch.tensor([pos], dtype=torch.int32, device="cuda"), cos, sin)
+        dev.decoded(pos)
+        got_k, got_v = kb[:, :pos + 1], vb[:, :pos + 1]
+        assert torch.equal(got_k[:, exact], want_k[:, exact]) and torch.equal(got_v[:, exact], want_v[:, exact])
+        for got, want in ((got_k, want_k), (got_v, want_v)):
+            diff = (got.float() - want.float()).abs()
+            assert diff.mean() < 1e-3 * want.float().abs().mean(), f"step {i}: mean difference {diff.mean()}"
+            assert (diff > 0.05 * want.float().abs().max()).sum() == 0
+    n = 200
+    same = (dev.keys[0][:, :n] == ref.keys[0][:, :n]).float().mean().item()
+    assert same > 0.995, f"stored key codes agree at {same:.4f}"
+    torch.testing.assert_close(dev.key_scales[0][:, :n], ref.key_scales[0][:, :n], rtol=1e-3, atol=0)
+    torch.testing.assert_close(dev.value_scales[0][:, :n], ref.value_scales[0][:, :n], rtol=1e-3, atol=0)
+    assert dev.ring_lo == ref.ring_lo and dev.ring_end == ref.ring_end
+
+
+@pytest.mark.parametrize("mode", ["q4", "q8"])
+def test_graph_decode_with_a_quantized_cache(smollm2_exl2_mixed, reference_dir, mode: str) -> None:
+    """A quantized cache decodes in the captured graph (csrc/kv_quant.cu) to the greedy tokens of the
+    eager path (QuantKVCache.update in PyTorch ops), across a second request that reuses the prefix."""
+    from app.engine import Engine
+    from app.engine.types import GenerationSettings
+
+    ids = [int(t) for t in np.load(reference_dir / "prompt_ids.npy")[0]]
+    settings = GenerationSettings(max_new_tokens=64, samplers={"temperature": 0.0}, stop_on_eos=False)
+    graph = Engine.load(smollm2_exl2_mixed, "cuda", backend="cuda", max_seq_len=1024, cache_mode=mode)
+    eager = Engine.load(smollm2_exl2_mixed, "cuda", backend="cuda", max_seq_len=1024, cache_mode=mode)
+    eager.generator._graph_failed = True  # never captures: every step runs QuantKVCache.update
+    got, _ = graph.generator.generate(ids, settings)
+    assert graph.generator._graph is not None, "the quantized-cache decode step was not captured"
+    want, _ = eager.generator.generate(ids, settings)
+    assert eager.generator._graph is None
+    assert got == want
+    again, _ = graph.generator.generate(ids + [42], settings)  # prompt caching: a longer prompt
+    assert again == eager.generator.generate(ids + [42], settings)[0]
+
+
+def test_speculative_drafts_are_checked_in_a_graph(smollm2_exl2_mixed, reference_dir) -> None:
+    """n-gram drafts are checked by a graph of k+1 rows over the one cache (graphs.SharedRows): the
+    greedy reply is the plain one (the EXL2 gemv sums each row alike, attention splits like one row)."""
+    from app.engine import Engine
+    from app.engine.types import GenerationSettings
+
+    ids = [int(t) for t in np.load(reference_dir / "prompt_ids.npy")[0]] * 3  # repeats: n-grams match
+    plain_settings = GenerationSettings(max_new_tokens=64, samplers={"temperature": 0.0}, stop_on_eos=False)
+    spec_settings = GenerationSettings(max_new_tokens=64, samplers={"temperature": 0.0}, stop_on_eos=False,
+                                       speculative="ngram", draft_tokens=4)
+    engine = Engine.load(smollm2_exl2_mixed, "cuda", backend="cuda", max_seq_len=1024)
+    plain, _ = engine.generator.generate(ids, plain_settings)
+    fast, last = engine.generator.generate(ids, spec_settings)
+    assert any(rows > 1 for rows in engine.generator._graphs), "no drafts' check was captured"
+    assert last.draft_proposed > 0
+    assert fast == plain

@@ -90,3 +90,51 @@ def test_chunked_prefill_without_a_mask_equals_the_explicit_mask(tmp_path: Path,
     mask = chunked()
     assert torch.allclose(bias, whole, atol=2e-4, rtol=0)
     assert torch.allclose(mask, bias, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["q4", "q8"])
+def test_decode_step_with_a_quantized_cache(tmp_path: Path, mode: str) -> None:
+    """A quantized cache in decode_step (the backend's kv_quant_decode; here through QuantKVCache.update)
+    gives forward()'s logits, before and after a truncate, and keeps its ring bookkeeping."""
+    _, folder, length = build(tmp_path, "llama")
+    model = load_model(str(folder), "cpu")
+    ids = prompt(length + 12)
+    eager = model.allocate_cache(64, mode=mode)
+    static = model.allocate_cache(64, mode=mode)
+    model.forward(ids[:, :length], eager, 0)
+    model.forward(ids[:, :length], static, 0)
+    model.prepare_decode(static.max_seq_len)
+    steps = list(range(length, length + 8)) + list(range(length + 4, length + 12))
+    for i, pos in enumerate(steps):
+        if i == 8:  # regenerate from length + 4: both caches forget the rest
+            eager.truncate(pos)
+            static.truncate(pos)
+        assert static.decode_ready(pos)
+        tok = ids[:, pos:pos + 1] if i < 8 else ids[:, pos - 3:pos - 2]
+        want = model.forward(tok, eager, pos)[0, -1]
+        got = model.decode_step(tok, torch.tensor([pos], dtype=torch.int32), static)[0]
+        static.decoded(pos)
+        static.length = pos + 1  # what DecodeGraph.step does after a replay
+        assert torch.allclose(got, want, atol=2e-4, rtol=0), f"{mode} at step {i}"
+    assert static.ring_lo == eager.ring_lo and static.ring_end == eager.ring_end
+
+
+def test_decode_step_over_rows_sharing_one_cache(tmp_path: Path) -> None:
+    """Speculative drafts' check as one decode step (graphs.SharedRows): k+1 tokens of one sequence as
+    rows at consecutive positions give forward()'s logits over the same tokens, and the same cache."""
+    from app.engine.graphs import SharedRows
+
+    _, folder, length = build(tmp_path, "llama")
+    model = load_model(str(folder), "cpu")
+    ids = prompt(length + 5)
+    eager, static = model.allocate_cache(64), model.allocate_cache(64)
+    model.forward(ids[:, :length], eager, 0)
+    model.forward(ids[:, :length], static, 0)
+    want = model.forward(ids[:, length:], eager, length)[0]
+    model.prepare_decode(64)
+    positions = torch.arange(length, length + 5, dtype=torch.int32)
+    got = model.decode_step(ids[0, length:].view(-1, 1), positions, SharedRows(static, 5))  # type: ignore[arg-type]
+    assert torch.allclose(got, want, atol=2e-4, rtol=0)
+    for layer in range(model.config.num_layers):
+        assert torch.allclose(static.keys[layer][:, :length + 5], eager.keys[layer][:, :length + 5], atol=1e-5)
+        assert torch.allclose(static.values[layer][:, :length + 5], eager.values[layer][:, :length + 5], atol=1e-5)

@@ -126,6 +126,12 @@ def test_recent_tokens_read_back_exactly_and_survive_a_truncate(monkeypatch) -> 
     assert torch.equal(kb[:, 25], k[:, 35]) and torch.equal(kb[:, 22:25], k[:, 22:25])
     err = (kb[:, 17:22].float() - k[:, 17:22].float()).norm() / k[:, 17:22].float().norm()
     assert 0 < err < 0.2                                    # slots of 17..21 were reused: quantized copy
+    # and on the next step too: the ring's slots for 18..21 still hold the dropped 26..29, not them
+    kb, vb = cache.update(0, 26, k[:, 36:37], v[:, 36:37])
+    assert torch.equal(kb[:, 22:25], k[:, 22:25]) and torch.equal(kb[:, 25:27], k[:, 35:37])
+    err = (kb[:, 18:22].float() - k[:, 18:22].float()).norm() / k[:, 18:22].float().norm()
+    assert 0 < err < 0.2
+    assert cache.ring_lo[0] == 22 and cache.ring_end[0] == 27
 
 
 def test_reading_back_in_pieces_gives_the_same_values(monkeypatch) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +18,12 @@ try:  # torch >= 2.2
 except ImportError:  # older torch: chunked prefill builds an explicit mask
     causal_lower_right = None  # type: ignore[assignment]
 
+from .errors import GenerationError
 from .exl2 import Exl2Tensors
 from .rope import apply_rope
+
+if TYPE_CHECKING:
+    from .kv_quant import QuantKVCache
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +105,29 @@ class TorchBackend:
         def rot(x: torch.Tensor) -> torch.Tensor:
             return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
-        rows = torch.arange(q.shape[0], device=q.device)
-        k_cache[rows, idx] = rot(k)[:, 0]
-        v_cache[rows, idx] = v[:, 0]
+        if k_cache.stride(0) == 0:  # rows of one sequence sharing its cache (graphs.SharedRows)
+            k_cache[0][idx] = rot(k)[:, 0]
+            v_cache[0][idx] = v[:, 0]
+        else:
+            rows = torch.arange(q.shape[0], device=q.device)
+            k_cache[rows, idx] = rot(k)[:, 0]
+            v_cache[rows, idx] = v[:, 0]
         return rot(q)
+
+    fused_kv_quant = False  # whether kv_quant_decode runs without reading the position on the host
+
+    def kv_quant_decode(self, cache: QuantKVCache, layer: int, pos: torch.Tensor, cos_table: torch.Tensor,
+                        sin_table: torch.Tensor) -> None:
+        """Decode step of a quantized cache, after rope_cache_decode wrote the token into
+        cache.decode_target(layer): quantize it into place and fill the read-back buffers with the
+        layer's positions [0, pos]. Here through QuantKVCache.update (reads pos on the host; all rows
+        at one position); the CUDA backend does it on the device (csrc/kv_quant.cu)."""
+        p = int(pos[0])
+        if bool((pos != p).any()):
+            raise GenerationError("a quantized cache decodes every row at one position",
+                                  hint="Use an FP16 cache for rows at different positions.")
+        kb, vb = cache.decode_target(layer)
+        cache.update(layer, p, kb[:, p:p + 1].clone(), vb[:, p:p + 1].clone())
 
     def attention_cached(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          lengths: torch.Tensor, window: int | None = None) -> torch.Tensor:

@@ -87,6 +87,10 @@ class KVCache:
         """Forget everything after `length` tokens (used to reuse a cached prefix)."""
         self.length = min(self.length, max(0, length))
 
+    def decode_target(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where Transformer.decode_step writes a token's k/v and attention reads them: the cache itself."""
+        return self.keys[layer], self.values[layer]
+
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v (batch, seq, heads, dim) at `start` and return views of the whole valid span."""
         end = check_room(start + k.shape[1], self.max_seq_len)

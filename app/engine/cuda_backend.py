@@ -22,12 +22,16 @@ import logging
 import os
 from dataclasses import dataclass
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 
 from ._ext_build import load_extension
 from .backend import Linear, TorchBackend
 from .exl2 import Exl2Tensors
+
+if TYPE_CHECKING:
+    from .kv_quant import QuantKVCache
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +131,7 @@ class CudaBackend(TorchBackend):
         self._sms = torch.cuda.get_device_properties(index).multi_processor_count
         # One row of x: the half2 gemv only with KESTREL_GEMV_EXACT=0 and an extension that has it.
         self.gemv_exact = GEMV_EXACT or not hasattr(self.ext, "exl2_gemv_half2")
+        self.fused_kv_quant = hasattr(self.ext, "kv_quant_decode")  # absent from builds before it
 
     # --- weights -------------------------------------------------------------------------------
 
@@ -253,13 +258,27 @@ class CudaBackend(TorchBackend):
         return self.ext.rope_cache_decode(q.contiguous(), k.contiguous(), v.contiguous(), cos_table, sin_table,
                                           pos, k_cache, v_cache)
 
+    def kv_quant_decode(self, cache: QuantKVCache, layer: int, pos: torch.Tensor, cos_table: torch.Tensor,
+                        sin_table: torch.Tensor) -> None:
+        """Two kernels (csrc/kv_quant.cu), positions read on the device: CUDA-graph safe."""
+        kb, vb = cache.decode_target(layer)
+        if not self.fused_kv_quant or kb.dtype != cos_table.dtype:
+            return super().kv_quant_decode(cache, layer, pos, cos_table, sin_table)
+        self.ext.kv_quant_decode(
+            cache.keys[layer], cache.key_scales[layer], cache.values[layer], cache.value_scales[layer],
+            cache.key_means[layer], cos_table, sin_table, cache.sink_keys[layer], cache.sink_values[layer],
+            cache.recent_keys[layer], cache.recent_values[layer], pos, cache.ring_lo_dev[layer:layer + 1],
+            kb, vb, cache.bits, cache.rot is not None, 4 * self._sms)
+
     def attention_cached(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          lengths: torch.Tensor, window: int | None = None) -> torch.Tensor:
         b, _, h, d = q.shape
         if d > 256 or d % 2 or k_cache.dtype != q.dtype:
             return super().attention_cached(q, k_cache, v_cache, lengths, window)
         s = k_cache.shape[1]
-        splits = self.decode_splits(b, h, s)
+        # rows sharing one cache (stride 0: speculative drafts' check) split the keys like one row, so
+        # each row sums in the order of the one-token decode step and gets its very logits
+        splits = self.decode_splits(1 if k_cache.stride(0) == 0 else b, h, s)
         return self.ext.attention_decode_cached(q.contiguous(), k_cache, v_cache, lengths, splits, int(window or 0))
 
     def decode_splits(self, b: int, h: int, s: int) -> int:

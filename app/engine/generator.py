@@ -137,9 +137,9 @@ class Generator:
         self.on_prefill_chunk: Callable[[int, int], None] | None = None  # (tokens done, total) per chunk
         self._cancel = threading.Event()
         self._lock = threading.Lock()
-        self._graph: DecodeGraph | None = None
+        self._graphs: dict[int, DecodeGraph] = {}  # by rows: 1 for decoding, k + 1 to check k drafts
+        self._graph_key: tuple = ()  # what the graphs were captured on (see _graph_for)
         self._graph_failed = False
-        self._graph_lora: tuple = ()
         self.loras = LoraRegistry(model)
         self._lora_key: tuple = ()  # the adapter set the cached prefix was computed under
         self.speculation = speculative.Options()  # draft model and default mode for speculative decoding
@@ -355,24 +355,44 @@ class Generator:
         tail, stopped = reply.finish()
         yield chunk(tail, [], "stop" if stopped else reason)
 
+    @property
+    def _graph(self) -> DecodeGraph | None:
+        """The one-token decode graph, if captured."""
+        return self._graphs.get(1)
+
+    def _graph_for(self, rows: int) -> DecodeGraph | None:
+        """The decode step over `rows` tokens as a CUDA graph, captured on first use; None where graphs
+        cannot run. A graph bakes in the cache tensors, the RoPE tables and the active adapters'
+        matrices: any change drops them all."""
+        cache = self.cache
+        key = (id(cache), id(self.model._cos), self._lora_key)
+        if key != self._graph_key:
+            self._graphs = {}
+            self._graph_key = key
+        g = self._graphs.get(rows)
+        if g is None and not self._graph_failed and graphs_enabled(self.model, cache) \
+                and (rows == 1 or cache.mode == "fp16"):
+            try:
+                g = self._graphs[rows] = DecodeGraph(self.model, cache, rows)
+            except RuntimeError as e:  # an op that cannot be captured: run eagerly from now on
+                self._graph_failed = True
+                log.warning("CUDA graph capture failed, decoding without it: %s", str(e).splitlines()[0])
+        return g
+
     def _decode_one(self, token: int, pos: int) -> torch.Tensor:
         """Logits after feeding one token at `pos`: a CUDA-graph replay where possible."""
-        cache = self.cache
-        # a graph bakes in the cache tensors and the active adapters' matrices: recapture on change
-        g = self._graph
-        if (g is None or g.cache is not cache or self._graph_lora != self._lora_key
-                or g.tables[0] is not self.model._cos):
-            self._graph = None
-            self._graph_lora = self._lora_key
-            if not self._graph_failed and graphs_enabled(self.model, cache):
-                try:
-                    self._graph = DecodeGraph(self.model, cache)
-                except RuntimeError as e:  # an op that cannot be captured: run eagerly from now on
-                    self._graph_failed = True
-                    log.warning("CUDA graph capture failed, decoding without it: %s", str(e).splitlines()[0])
-        if self._graph is not None:
-            return self._graph.step(token, pos)
-        return self.model.forward(torch.tensor([[token]], device=self.model.device), cache, pos)[0, -1]
+        g = self._graph_for(1)
+        if g is not None and g.ready(pos):
+            return g.step(token, pos)
+        return self.model.forward(torch.tensor([[token]], device=self.model.device), self.cache, pos)[0, -1]
+
+    def _decode_many(self, ids: list[int], pos: int) -> torch.Tensor:
+        """Logits (len(ids), vocab) after feeding ids at pos, pos + 1, ... (speculative drafts' check):
+        one graph replay per number of drafts where possible, else one forward pass."""
+        g = self._graph_for(len(ids))
+        if g is not None and g.ready(pos):
+            return g.step_many(ids, pos)
+        return self.model.forward(torch.tensor([ids], device=self.model.device), self.cache, pos)[0]
 
     def _rewind_completion(self, n_prompt: int, generated: list[int], back: int, reply: ReplyText) -> torch.Tensor:
         """Banned string: roll the reply back to completion index `back` (ReplyText.rewind) and the cache

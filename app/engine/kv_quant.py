@@ -157,7 +157,10 @@ class QuantKVCache:
         self.key_scales, self.value_scales = scales(), scales()
         self.rot = hadamard().to(device) if rotate else None
         self.rope = rope
-        self.key_means: list[torch.Tensor | None] = [None] * num_layers  # (batch, 1, heads, dim) fp16
+        # (batch, 1, heads, dim) fp16 per layer, overwritten in place (a CUDA graph reads them by address)
+        self.key_means = [torch.zeros(batch, 1, num_kv_heads, head_dim, dtype=torch.float16, device=device)
+                          for _ in range(num_layers)]
+        self.mean_set = [False] * num_layers
         self.exact = EXACT_TOKENS
         sink = (batch, min(self.exact, max_seq_len), num_kv_heads, head_dim)
         self.sink_keys = [torch.zeros(sink, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -166,7 +169,11 @@ class QuantKVCache:
         ring = (batch, self.recent, num_kv_heads, head_dim)
         self.recent_keys = [torch.zeros(ring, dtype=dtype, device=device) for _ in range(num_layers)]
         self.recent_values = [torch.zeros(ring, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.ring_end = [0] * num_layers  # per layer: 1 + the last position written into the ring
+        # per layer, the positions the ring holds exactly: [ring_lo, ring_end) (at most `recent` of them);
+        # ring_lo is mirrored on the device for the decode-step kernel (csrc/kv_quant.cu)
+        self.ring_lo = [0] * num_layers
+        self.ring_end = [0] * num_layers
+        self.ring_lo_dev = torch.zeros(num_layers, dtype=torch.int32, device=device)
         self._k_buf: torch.Tensor | None = None  # shared fp16 read-back buffers, made on first use
         self._v_buf: torch.Tensor | None = None
         self._shape = shape
@@ -174,8 +181,8 @@ class QuantKVCache:
 
     def overhead_bytes(self) -> int:
         """Bytes outside the per-token formula: key means, the exact sink and recent copies and the fp16
-        read-back buffers (fixed_bytes once every layer has been written)."""
-        extra = sum(m.numel() * m.element_size() for m in self.key_means if m is not None)
+        read-back buffers (fixed_bytes once the buffers exist)."""
+        extra = sum(m.numel() * m.element_size() for m in self.key_means)
         extra += sum(t.numel() * t.element_size()
                      for t in self.sink_keys + self.sink_values + self.recent_keys + self.recent_values)
         return extra + sum(b.numel() * b.element_size() for b in (self._k_buf, self._v_buf) if b is not None)
@@ -190,6 +197,44 @@ class QuantKVCache:
 
     def truncate(self, length: int) -> None:
         self.length = min(self.length, max(0, length))
+        for layer in range(len(self.ring_end)):  # ring slots of forgotten positions no longer count
+            self.ring_end[layer] = min(self.ring_end[layer], max(0, length))
+            self.ring_lo[layer] = min(self.ring_lo[layer], self.ring_end[layer])
+        self.ring_lo_dev.copy_(torch.tensor(self.ring_lo, dtype=torch.int32))
+
+    def _ring_written(self, layer: int, start: int, end: int) -> None:
+        """Positions [start, end) went into the ring: it now holds the latest `recent` of what it held
+        below `start` and of them (a write past a gap drops what lay below the gap)."""
+        lo = self.ring_lo[layer] if start <= self.ring_end[layer] else start
+        self.ring_lo[layer] = max(lo, end - self.recent)  # the device copy may lag: see decode_ready
+        self.ring_end[layer] = end
+        if lo > end - self.recent:
+            self.ring_lo_dev[layer].fill_(self.ring_lo[layer])
+
+    # --- the decode step at a device-side position (Transformer.decode_step, CUDA graphs) -------
+
+    def decode_target(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the decode step writes the new token's k/v: the shared fp16 read-back buffers, from
+        which the backend's kv_quant_decode quantizes it and around which it reads the layer back."""
+        return self._buffers()
+
+    def decode_ready(self, pos: int) -> bool:
+        """Whether a decode step at `pos` may run without the host (what csrc/kv_quant.cu assumes):
+        every layer has its key mean and its ring ends at `pos`. The device copy of ring_lo is set
+        whenever the host's rises above pos - recent (truncate, a write past a gap); otherwise it may
+        lag, which changes nothing, as the kernel bounds the ring by pos - recent too."""
+        return all(self.mean_set) and all(e == pos for e in self.ring_end)
+
+    def decoded(self, pos: int) -> None:
+        """Host bookkeeping after a decode step at `pos` ran on the device (kv_quant_decode)."""
+        for layer in range(len(self.ring_end)):
+            self.ring_lo[layer] = max(self.ring_lo[layer], pos + 1 - self.recent)
+            self.ring_end[layer] = pos + 1
+
+    def exact_tensors(self) -> list[torch.Tensor]:
+        """The fp16 sink and recent copies: a graph capture's warm-up step writes a slot of them, so
+        DecodeGraph saves and restores them around it."""
+        return self.sink_keys + self.sink_values + self.recent_keys + self.recent_values
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         if self.padded == self.head_dim:
@@ -206,9 +251,7 @@ class QuantKVCache:
 
     def _key_offset(self, layer: int, start: int, end: int) -> torch.Tensor:
         """rope(key mean, positions start..end-1) as float32 (batch, end-start, heads, dim)."""
-        mean = self.key_means[layer]
-        assert mean is not None
-        m = mean.float().expand(-1, end - start, -1, -1)
+        m = self.key_means[layer].float().expand(-1, end - start, -1, -1)
         if self.rope is None:
             return m
         from .rope import apply_rope
@@ -219,8 +262,9 @@ class QuantKVCache:
     def _set_key_mean(self, layer: int, k: torch.Tensor) -> None:
         """Mean of the pre-RoPE keys of the first write (without position 0), or zero for one token."""
         t = k.shape[1]
+        self.mean_set[layer] = True
         if t < 2:
-            self.key_means[layer] = torch.zeros_like(k[:, :1])
+            self.key_means[layer].zero_()
             return
         kf = k.float()
         if self.rope is not None:
@@ -228,14 +272,14 @@ class QuantKVCache:
 
             cos, sin = self.rope(0, t)
             kf = apply_rope(kf, cos.float(), -sin.float())  # rotate back to before RoPE
-        self.key_means[layer] = kf[:, 1:1 + MEAN_TOKENS].mean(1, keepdim=True).to(torch.float16)
+        self.key_means[layer].copy_(kf[:, 1:1 + MEAN_TOKENS].mean(1, keepdim=True))
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Quantize k/v (batch, seq, heads, dim) into place at `start`; return fp16 views of 0..end."""
         from .cache import check_room
 
         end = check_room(start + k.shape[1], self.max_seq_len)
-        if start == 0 or self.key_means[layer] is None:
+        if start == 0 or not self.mean_set[layer]:
             self._set_key_mean(layer, k)
         kc = k.float() - self._key_offset(layer, start, end)
         for x, store, scales in ((kc, self.keys, self.key_scales), (v, self.values, self.value_scales)):
@@ -246,14 +290,14 @@ class QuantKVCache:
             n = min(end, self.exact) - start
             self.sink_keys[layer][:, start:start + n] = k[:, :n]
             self.sink_values[layer][:, start:start + n] = v[:, :n]
-        # read back 0..end: exact sinks, the quantized copy, exact recent positions from the ring (after
-        # a truncate, newer writes may have taken the slots of older positions: only the last `recent`
-        # below ring_end are still there), then the tokens being written; each position is read once
+        # read back 0..end: exact sinks, the quantized copy, exact recent positions from the ring (those
+        # in [ring_lo, ring_end): after a truncate, newer writes took the slots of older positions),
+        # then the tokens being written; each position is read once
         kb, vb = self._buffers()
         n = min(end, self.exact)
         kb[:, :n] = self.sink_keys[layer][:, :n]
         vb[:, :n] = self.sink_values[layer][:, :n]
-        lo = max(n, start - self.recent, self.ring_end[layer] - self.recent)
+        lo = max(n, start - self.recent, self.ring_lo[layer])
         quantized_end = min(lo, start)
         for a in range(n, quantized_end, SLAB):  # fixed-size pieces: temporaries of one size, reused
             b = min(a + SLAB, quantized_end)
@@ -274,5 +318,5 @@ class QuantKVCache:
             slots = torch.arange(end - keep, end, device=k.device) % self.recent
             self.recent_keys[layer][:, slots] = k[:, -keep:]
             self.recent_values[layer][:, slots] = v[:, -keep:]
-            self.ring_end[layer] = end
+            self._ring_written(layer, start, end)
         return kb[:, :end], vb[:, :end]

@@ -199,8 +199,10 @@ class Transformer:
     def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One token per row (tokens (B, 1) int64) at positions pos (int32 (B,), on the device):
         float32 logits (B, vocab). No position is read on the host, so the step can be captured in
-        a CUDA graph once and replayed at every position (app/engine/graphs.py). Needs an fp16/bf16
-        cache and prepare_decode(cache.max_seq_len) first; does not touch cache.length."""
+        a CUDA graph once and replayed at every position (app/engine/graphs.py). Needs
+        prepare_decode(cache.max_seq_len) first, and a quantized cache decode_ready(pos); does not
+        touch cache.length (nor, where the backend's kernel ran, a quantized cache's ring bookkeeping:
+        cache.decoded(pos) does)."""
         c, be = self.config, self.backend
         b = tokens.shape[0]
         cos, sin = self._cos, self._sin
@@ -210,8 +212,11 @@ class Transformer:
         h = be.rms_norm(x, self.layers[0].input_norm, c.rms_norm_eps)
         for i, layer in enumerate(self.layers):
             q, k, v = self._attn_qkv(layer, h)
-            q = be.rope_cache_decode(q, k, v, cos, sin, pos, cache.keys[i], cache.values[i])
-            attn = be.attention_cached(q, cache.keys[i], cache.values[i], lengths, c.sliding_window)
+            kc, vc = cache.decode_target(i)
+            q = be.rope_cache_decode(q, k, v, cos, sin, pos, kc, vc)
+            if cache.mode != "fp16":  # quantize the new token, read the layer back around it into kc/vc
+                be.kv_quant_decode(cache, i, pos, cos, sin)
+            attn = be.attention_cached(q, kc, vc, lengths, c.sliding_window)
             x, h = be.add_rms_norm(x, self._linear(attn, layer.o_proj), layer.post_norm, c.rms_norm_eps)
             x, h = be.add_rms_norm(x, self._mlp(layer, h), self._next_norm(i), c.rms_norm_eps)
         return self._linear(h, self.head).float().view(b, -1)

@@ -263,10 +263,8 @@ class Speculation:
         try:
             drafts = self.drafter.propose(history, k, self) if k else []
             ids = [token] + [d.token for d in drafts]
-            if not drafts:  # nothing to check (no n-gram match): the plain decode step, graph and all
-                out = g._decode_one(token, pos)[None]
-            else:
-                out = g.model.forward(torch.tensor([ids], device=g.model.device), g.cache, pos)[0]
+            # the model over [token, drafts] in one step (a CUDA graph per number of drafts)
+            out = g._decode_many(ids, pos) if drafts else g._decode_one(token, pos)[None]
         except torch.cuda.OutOfMemoryError as e:
             raise OutOfMemoryError("the GPU ran out of memory mid-reply (speculative decoding)",
                                    hint="Use a smaller context, a smaller draft or none, or a Q4 cache.") from e

@@ -26,8 +26,8 @@ logits            batch x vocab x 4 bytes: chat keeps the fp32 logits of the las
                   (perplexity scoring of a whole chunk needs c times as much; the planner plans chats).
 cuda_context      Overheads.cuda_context_bytes: the CUDA context and loaded kernels (outside torch's
                   allocator; NVML sees it, torch.cuda.max_memory_allocated does not).
-decode_graph      FP16 caches only (the decode step is then captured in a CUDA graph):
-                  Overheads.graph_bytes, what NVML shows beyond the context once the graph exists.
+decode_graph      Overheads.graph_bytes, what NVML shows beyond the context once the decode step is
+                  captured in a CUDA graph (every cache mode: quantized ones through csrc/kv_quant.cu).
 allocator         Overheads.allocator_fraction x weights + Overheads.allocator_fixed_bytes: what the
                   caching allocator reserves beyond what is allocated. Measured, it follows the weights
                   (many blocks) and not the cache (a few large blocks, allocated once).
@@ -60,7 +60,7 @@ class Overheads:
     """Constants measured on the device (module docstring)."""
 
     cuda_context_bytes: int = 692 * MIB    # NVML minus torch's reserved peak, every case without a graph
-    graph_bytes: int = 70 * MIB            # the same with the decode step's CUDA graph (fp16 caches): 762 MiB
+    graph_bytes: int = 70 * MIB            # the same with the decode step's CUDA graph: 762 MiB
     workspace_bytes: int = 48 * MIB        # cuBLAS workspace and small buffers, allocated through torch
     allocator_fraction: float = 0.04       # reserved minus allocated, per byte of weights
     allocator_fixed_bytes: int = 32 * MIB
@@ -207,7 +207,7 @@ def estimate(model: ModelSpec, context: int, cache_mode: str, chunk_size: int = 
     activations = batch * chunk * 2 * (2 * c.hidden_size + 2 * c.q_dim + 2 * c.kv_dim + 3 * c.intermediate_size)
     activations += overheads.workspace_bytes
     logits = batch * c.vocab_size * 4
-    graph = overheads.graph_bytes if cache_mode == "fp16" else 0
+    graph = overheads.graph_bytes
     allocator = int(model.weight_bytes * overheads.allocator_fraction) + overheads.allocator_fixed_bytes
     return Estimate(model, context, cache_mode, chunk_size, batch, model.weight_bytes, layout, kv, kv_scratch,
                     activations, logits, overheads.cuda_context_bytes, graph, allocator, overheads)

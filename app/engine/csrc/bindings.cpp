@@ -20,6 +20,11 @@ torch::Tensor attention_decode_cached(torch::Tensor q, torch::Tensor k_cache, to
                                       torch::Tensor lengths, int64_t num_splits, int64_t window);
 torch::Tensor rope_cache_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos_t,
                                 torch::Tensor sin_t, torch::Tensor pos, torch::Tensor k_cache, torch::Tensor v_cache);
+void kv_quant_decode(torch::Tensor kq, torch::Tensor ks, torch::Tensor vq, torch::Tensor vs,
+                     torch::Tensor key_mean, torch::Tensor cos_t, torch::Tensor sin_t, torch::Tensor sink_k,
+                     torch::Tensor sink_v, torch::Tensor ring_k, torch::Tensor ring_v, torch::Tensor pos,
+                     torch::Tensor ring_lo, torch::Tensor kb, torch::Tensor vb, int64_t bits, bool rotate,
+                     int64_t blocks);
 }  // namespace kestrel
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -37,4 +42,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "one-token attention over the first lengths[b] keys of a static cache (CUDA-graph safe)");
   m.def("rope_cache_decode", &kestrel::rope_cache_decode,
         "RoPE of one token's q/k at device-side positions, and the k/v cache write");
+  m.def("kv_quant_decode", &kestrel::kv_quant_decode,
+        "quantized KV cache in the decode step: read-back of [0, pos) and the quantized write at pos");
 }
