@@ -27,8 +27,10 @@ sync_tree() { tar --exclude=.whl --exclude=.git -cf - . | (cd /root/repo && tar 
 step_gpu() {
   # what changed most recently first (quantized-cache kernel, drafts' graph, graphs, greedy tokens), then the rest
   local first="quantized or speculative or graph or greedy or cache_decode or attention_cached"
-  (cd /root/repo && timeout ${GPU_FIRST_S:-300} python3 -m pytest -q -m gpu -p no:cacheprovider \
-      tests/test_cuda_kernels.py tests/test_gpu_engine.py -k "$first" 2>&1 | tail -30) > $R/gpu_tests_first.txt
+  (cd /root/repo && timeout ${GPU_FIRST_S:-300} python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short \
+      tests/test_cuda_kernels.py tests/test_gpu_engine.py -k "${GPU_FIRST:-$first}" 2>&1 | head -c 60000) \
+      > $R/gpu_tests_first.txt
+  [ -n "${GPU_FIRST_ONLY:-}" ] && return
   (cd /root/repo && timeout ${GPU_TESTS_S:-360} python3 -m pytest -q -m gpu -p no:cacheprovider \
       tests/test_cuda_kernels.py tests/test_gpu_engine.py tests/test_lora.py -k "not ($first)" 2>&1 | tail -25) \
       > $R/gpu_tests.txt
@@ -43,14 +45,19 @@ step_planner() {
       --contexts 2048 8192 32768 --cache-modes ${MODES:-fp16 q4} --json $R/planner_accuracy.json \
       > $R/planner_accuracy.txt 2>&1
 }
-step_features() {
+step_speculative() {
   OUT=$R timeout 180 python3 bench/bench_speculative.py --target $FP16 --draft $MIXED --high $Q8 --low $B4 \
       --device cuda > $R/speculative.txt 2>&1
+}
+step_constrained() {
   OUT=$R timeout 120 python3 bench/bench_constrained.py $FP16 --device cuda --tokens 200 --repeats 3 \
       > $R/constrained.txt 2>&1
+}
+step_concurrency() {
   OUT=$R timeout 240 python3 bench/bench_server_concurrency.py $B4 --out $R/concurrency.json \
       > $R/concurrency.txt 2>&1
 }
+step_features() { step_speculative; step_constrained; step_concurrency; }
 step_quantize() {
   OUT=$R timeout ${QTIME:-480} python3 bench/quantize_quality.py $FP16 /root/repo/.carry/ppl_ids.npy --device cuda \
       --targets ${TARGETS:-4.0,2.5,3.0,5.0,6.0,8.0} --budget-s ${QBUDGET:-330} --work /root/qwork \
@@ -109,7 +116,7 @@ PY
   # A phase is one word of STEPS; steps joined by + run at the same time. The planner reads NVML's
   # whole-device figure and the decode/feature benchmarks are timings, so each runs alone.
   for phase in ${STEPS:-planner features longchat quantize+gpu decode}; do
-    case $phase in *features*|*decode*|*quantize*)
+    case $phase in *features*|*decode*|*quantize*|*speculative*|*concurrency*)
       for _ in $(seq 150); do grep -q "exllamav2 ext\|Error" $R/jit_exllamav2.txt 2>/dev/null && break; sleep 3; done;;
     esac
     log "phase $phase start"

@@ -177,3 +177,30 @@ def test_cli_json_schema_and_regex(smollm2_fp16_dir: str, tmp_path: Path, capsys
     (tmp_path / "broken.json").write_text("{nope")
     assert main(base + ["--json-schema", str(tmp_path / "broken.json")]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_a_token_the_parser_refuses_is_drawn_again(engine: Engine) -> None:
+    """Constraint.pick checks each draw with the parser: a token the mask let through but the parser
+    refuses (llguidance 1.6 did so on the GPU) is masked out and drawn again; only grammar tokens
+    ever reach the matcher."""
+    import torch
+
+    tok = engine.generator.tokenizer
+    constraint = Constraint.from_settings(tok, GenerationSettings(json_schema={"type": "object"}))
+    assert constraint is not None
+    refused = tok.encode("x")[0]
+    draws: list[int] = []
+
+    def draw(masked: torch.Tensor) -> int:  # first a refused token, as the faulty mask allowed, then argmax
+        token = refused if not draws else int(torch.argmax(masked))
+        draws.append(token)
+        return token
+
+    logits = torch.zeros(tok.vocab_size)
+    token = constraint.pick(logits, draw)
+    assert draws[0] == refused and token == draws[-1] != refused and len(draws) == 2
+    assert tok.decode([token]).lstrip().startswith("{")
+    constraint.advance(token)  # the parser takes it
+    with pytest.raises(GenerationError, match="no token its grammar accepts"):
+        constraint.pick(logits, lambda masked: refused)
+    constraint.close()

@@ -439,8 +439,8 @@ def test_quantized_cache_decode_kernel_matches_update(backend, bits: int, d: int
     rounding), the same stored codes and scales."""
     gen = torch.Generator().manual_seed(bits * d)
     ref, dev, cos, sin = _quant_caches(bits, d, dtype)
-    k = (torch.randn(1, 300, 3, d, generator=gen) + 2 * torch.randn(1, 1, 3, d, generator=gen)).to(dtype).cuda()
-    v = torch.randn(1, 300, 3, d, generator=gen).to(dtype).cuda()
+    k = (torch.randn(1, 320, 3, d, generator=gen) + 2 * torch.randn(1, 1, 3, d, generator=gen)).to(dtype).cuda()
+    v = torch.randn(1, 320, 3, d, generator=gen).to(dtype).cuda()
     for c in (ref, dev):
         c.update(0, 0, k[:, :150], v[:, :150])
     steps = list(range(150, 190)) + list(range(170, 200))  # the second run follows a truncate to 170

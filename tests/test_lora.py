@@ -284,4 +284,4 @@ def test_cuda_backend_adapter_matches_merged(smollm2_exl2_mixed, smollm2_fp16_di
         w = ref.model.linears()[module].weight
         w += (s * (b @ a)).to(w.device, w.dtype)
     ref_delta = ref.model.forward(ids)[0].float() - ref_base
-    torch.testing.assert_close(got - base, ref_delta, rtol=0.05, atol=0.15)
+    torch.testing.assert_close(got - base, ref_delta, rtol=0.05, atol=0.25)  # fp16 logits of ~20: ulp 0.016

@@ -15,9 +15,10 @@ and formatron no longer imports with current pydantic.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,8 @@ class ConstraintError(GenerationError):
 _TOKENIZERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 _TOKENIZERS_LOCK = threading.Lock()
 _WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kestrel-mask")
+MAX_REDRAWS = 16  # draws per step before a refused token ends the request
+log = logging.getLogger(__name__)
 
 
 def _ll_tokenizer(tokenizer: Tokenizer) -> Any:
@@ -186,6 +189,20 @@ class Constraint:
         if allowed.numel() < n:  # model vocab padded past the tokenizer's: the extra ids never fit
             allowed = torch.cat([allowed, allowed.new_zeros(n - allowed.numel())])
         return logits.masked_fill(~allowed[:n], float("-inf"))
+
+    def pick(self, logits: torch.Tensor, draw: Callable[[torch.Tensor], int]) -> int:
+        """draw() over the masked logits, checked against the parser itself: a token the bitmask let
+        through but the parser refuses (seen on the H100 with llguidance 1.6: ':' right after '":'
+        with ": " as the key separator) is masked out and drawn again, so no request dies of it."""
+        masked = self.apply(logits)
+        for _ in range(MAX_REDRAWS):
+            token = draw(masked)
+            if self._matcher.validate_tokens([int(token)]) == 1:
+                return token
+            log.warning("the grammar's mask admitted token %d, which its parser refuses: drawing again", token)
+            masked[token] = float("-inf")
+        raise GenerationError("constrained decoding found no token its grammar accepts",
+                              hint="Simplify the schema or regular expression.")
 
     def advance(self, token: int) -> None:
         """Follow the sampled token and start computing the next mask in the background."""

@@ -8,6 +8,7 @@ between decode steps.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -311,8 +312,12 @@ class Generator:
                                  eos_ids=self.tokenizer.eos_ids, state=state)
             index = len(generated)
             logits = reply.before_sampling(index, logits, state)
-            token = (spec.pick(logits, samplers, ctx, gen) if spec
-                     else sample(constraint.apply(logits) if constraint else logits, samplers, ctx, gen))
+            if spec:
+                token = spec.pick(logits, samplers, ctx, gen)
+            elif constraint:
+                token = constraint.pick(logits, functools.partial(sample, settings=samplers, ctx=ctx, generator=gen))
+            else:
+                token = sample(logits, samplers, ctx, gen)
             if token in eos:
                 reason = "stop"
                 break
@@ -365,6 +370,8 @@ class Generator:
         cannot run. A graph bakes in the cache tensors, the RoPE tables and the active adapters'
         matrices: any change drops them all."""
         cache = self.cache
+        if graphs_enabled(self.model, cache):
+            self.model.prepare_decode(cache.max_seq_len)  # RoPE tables of their final size, before the key
         key = (id(cache), id(self.model._cos), self._lora_key)
         if key != self._graph_key:
             self._graphs = {}

@@ -125,7 +125,9 @@ static GemvArgs gemv_args(const torch::Tensor& x, const torch::Tensor& perm, con
   const int sms = sm_count(x.get_device());
   // One row of x does too little arithmetic per weight byte to hide latency at 4 blocks per SM: twice
   // as many K chunks measured 10-20 % faster on the H100 for Llama-8B MLP shapes (docs/MEASUREMENTS.md).
-  const int per_sm = M == 1 ? 2 * g_blocks_per_sm : g_blocks_per_sm;
+  // Every row count splits K alike, so each row sums in the same order whatever M is: speculative
+  // drafts checked as M rows get the logits of the one-row decode step bit for bit.
+  const int per_sm = 2 * g_blocks_per_sm;
   const int target_chunks = std::max(1, (per_sm * sms + col_blocks - 1) / col_blocks);
   int tiles_per_chunk = std::max(1, (num_tiles + target_chunks - 1) / target_chunks);
   tiles_per_chunk = std::min(tiles_per_chunk, MAX_TILES_PER_CHUNK);
