@@ -244,8 +244,10 @@ class QuantKVCache:
     def _buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._k_buf is None:
             full = (*self._shape, self.head_dim)
-            self._k_buf = torch.empty(full, dtype=self.dtype, device=self._device)
-            self._v_buf = torch.empty(full, dtype=self.dtype, device=self._device)
+            # zeros, not empty: attention over the whole static buffer (the PyTorch decode step) masks
+            # the scores of unwritten positions, but 0 * a NaN left in memory would still be NaN
+            self._k_buf = torch.zeros(full, dtype=self.dtype, device=self._device)
+            self._v_buf = torch.zeros(full, dtype=self.dtype, device=self._device)
         assert self._v_buf is not None
         return self._k_buf, self._v_buf
 
