@@ -370,15 +370,15 @@ class Generator:
         cannot run. A graph bakes in the cache tensors, the RoPE tables and the active adapters'
         matrices: any change drops them all."""
         cache = self.cache
-        if graphs_enabled(self.model, cache):
+        enabled = not self._graph_failed and graphs_enabled(self.model, cache)
+        if enabled:
             self.model.prepare_decode(cache.max_seq_len)  # RoPE tables of their final size, before the key
         key = (id(cache), id(self.model._cos), self._lora_key)
         if key != self._graph_key:
             self._graphs = {}
             self._graph_key = key
         g = self._graphs.get(rows)
-        if g is None and not self._graph_failed and graphs_enabled(self.model, cache) \
-                and (rows == 1 or cache.mode == "fp16"):
+        if g is None and enabled and (rows == 1 or cache.mode == "fp16"):
             try:
                 g = self._graphs[rows] = DecodeGraph(self.model, cache, rows)
             except RuntimeError as e:  # an op that cannot be captured: run eagerly from now on
@@ -388,14 +388,12 @@ class Generator:
 
     def _decode_one(self, token: int, pos: int) -> torch.Tensor:
         """Logits after feeding one token at `pos`: a CUDA-graph replay where possible."""
-        g = self._graph_for(1)
-        if g is not None and g.ready(pos):
-            return g.step(token, pos)
-        return self.model.forward(torch.tensor([[token]], device=self.model.device), self.cache, pos)[0, -1]
+        return self._decode_many([token], pos)[0]
 
     def _decode_many(self, ids: list[int], pos: int) -> torch.Tensor:
-        """Logits (len(ids), vocab) after feeding ids at pos, pos + 1, ... (speculative drafts' check):
-        one graph replay per number of drafts where possible, else one forward pass."""
+        """Logits (len(ids), vocab) after feeding ids at pos, pos + 1, ... (one token, or a token and
+        the speculative drafts to check): a graph replay per row count where possible, else one
+        forward pass."""
         g = self._graph_for(len(ids))
         if g is not None and g.ready(pos):
             return g.step_many(ids, pos)

@@ -174,6 +174,7 @@ class QuantKVCache:
         self.ring_lo = [0] * num_layers
         self.ring_end = [0] * num_layers
         self.ring_lo_dev = torch.zeros(num_layers, dtype=torch.int32, device=device)
+        self._ring_lo_sent = [0] * num_layers  # what ring_lo_dev holds (set without a device read)
         self._k_buf: torch.Tensor | None = None  # shared fp16 read-back buffers, made on first use
         self._v_buf: torch.Tensor | None = None
         self._shape = shape
@@ -201,15 +202,18 @@ class QuantKVCache:
             self.ring_end[layer] = min(self.ring_end[layer], max(0, length))
             self.ring_lo[layer] = min(self.ring_lo[layer], self.ring_end[layer])
         self.ring_lo_dev.copy_(torch.tensor(self.ring_lo, dtype=torch.int32))
+        self._ring_lo_sent = list(self.ring_lo)
 
     def _ring_written(self, layer: int, start: int, end: int) -> None:
         """Positions [start, end) went into the ring: it now holds the latest `recent` of what it held
-        below `start` and of them (a write past a gap drops what lay below the gap)."""
+        below `start` and of them (a write past a gap drops what lay below the gap). The device copy
+        of ring_lo is set only where the kernel needs it, above end - recent (see decode_ready)."""
         lo = self.ring_lo[layer] if start <= self.ring_end[layer] else start
-        self.ring_lo[layer] = max(lo, end - self.recent)  # the device copy may lag: see decode_ready
+        self.ring_lo[layer] = max(lo, end - self.recent)
         self.ring_end[layer] = end
-        if lo > end - self.recent:
-            self.ring_lo_dev[layer].fill_(self.ring_lo[layer])
+        if lo > end - self.recent and self._ring_lo_sent[layer] != lo:
+            self.ring_lo_dev[layer].fill_(lo)
+            self._ring_lo_sent[layer] = lo
 
     # --- the decode step at a device-side position (Transformer.decode_step, CUDA graphs) -------
 
@@ -228,8 +232,7 @@ class QuantKVCache:
     def decoded(self, pos: int) -> None:
         """Host bookkeeping after a decode step at `pos` ran on the device (kv_quant_decode)."""
         for layer in range(len(self.ring_end)):
-            self.ring_lo[layer] = max(self.ring_lo[layer], pos + 1 - self.recent)
-            self.ring_end[layer] = pos + 1
+            self._ring_written(layer, pos, pos + 1)
 
     def exact_tensors(self) -> list[torch.Tensor]:
         """The fp16 sink and recent copies: a graph capture's warm-up step writes a slot of them, so

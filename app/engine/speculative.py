@@ -263,8 +263,7 @@ class Speculation:
         try:
             drafts = self.drafter.propose(history, k, self) if k else []
             ids = [token] + [d.token for d in drafts]
-            # the model over [token, drafts] in one step (a CUDA graph per number of drafts)
-            out = g._decode_many(ids, pos) if drafts else g._decode_one(token, pos)[None]
+            out = g._decode_many(ids, pos)  # the model over [token, drafts] in one step (a graph per count)
         except torch.cuda.OutOfMemoryError as e:
             raise OutOfMemoryError("the GPU ran out of memory mid-reply (speculative decoding)",
                                    hint="Use a smaller context, a smaller draft or none, or a Q4 cache.") from e
