@@ -9,7 +9,7 @@
 #   wait N    wait up to N s (or until the pipeline ends); copy /root/out to $OUT; print progress
 #   sync      copy the current tree over /root/repo (new kernels are rebuilt on first use)
 # Steps of the pipeline (STEPS to choose, phases in order, a+b at once): planner decode features
-# quantize longchat gpu; default "planner features longchat quantize+gpu decode" (timings alone)
+# quantize longchat gpu diag; default "planner features longchat quantize+gpu decode" (timings alone)
 set -uo pipefail
 stage=${1:?start, pipeline, wait N or sync}
 OUT=${OUT:-/tmp/out}
@@ -26,14 +26,15 @@ sync_tree() { tar --exclude=.whl --exclude=.git -cf - . | (cd /root/repo && tar 
 
 step_gpu() {
   # what changed most recently first (quantized-cache kernel, drafts' graph, graphs, greedy tokens), then the rest
-  local first="quantized or speculative or graph or greedy or cache_decode or attention_cached"
-  (cd /root/repo && timeout ${GPU_FIRST_S:-300} python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short \
+  local first="same_bits or speculative or graph or greedy or cache_decode or attention_cached"
+  (cd /root/repo && timeout ${GPU_FIRST_S:-240} python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short \
       tests/test_cuda_kernels.py tests/test_gpu_engine.py -k "${GPU_FIRST:-$first}" 2>&1 | head -c 60000) \
       > $R/gpu_tests_first.txt
   [ -n "${GPU_FIRST_ONLY:-}" ] && return
   (cd /root/repo && timeout ${GPU_TESTS_S:-360} python3 -m pytest -q -m gpu -p no:cacheprovider \
       tests/test_cuda_kernels.py tests/test_gpu_engine.py tests/test_lora.py -k "not ($first)" 2>&1 | tail -25) \
       > $R/gpu_tests.txt
+  [ -z "${GPU_HALF2:-}" ] && return
   # the half2 gemv on: do greedy tokens still match the PyTorch path and the eager path?
   (cd /root/repo && KESTREL_GEMV_EXACT=0 timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider \
       tests/test_cuda_kernels.py tests/test_gpu_engine.py -k "greedy or graph" 2>&1 | tail -25) > $R/gpu_tests_half2.txt
@@ -58,6 +59,9 @@ step_concurrency() {
       > $R/concurrency.txt 2>&1
 }
 step_features() { step_speculative; step_constrained; step_concurrency; }
+step_diag() {  # constrained decoding's device facts: versions, the device's tokenizer.json, masks
+  timeout 240 python3 .carry/diag_constrained.py $FP16 $R > $R/diag_constrained.txt 2>&1
+}
 step_quantize() {
   OUT=$R timeout ${QTIME:-480} python3 bench/quantize_quality.py $FP16 /root/repo/.carry/ppl_ids.npy --device cuda \
       --targets ${TARGETS:-4.0,2.5,3.0,5.0,6.0,8.0} --budget-s ${QBUDGET:-330} --work /root/qwork \

@@ -204,3 +204,13 @@ def test_a_token_the_parser_refuses_is_drawn_again(engine: Engine) -> None:
     with pytest.raises(GenerationError, match="no token its grammar accepts"):
         constraint.pick(logits, lambda masked: refused)
     constraint.close()
+
+
+def test_token_bytes_rebuild_the_text(engine: Engine) -> None:
+    """token_bytes of each id, joined, is the UTF-8 of the decoded text (byte-level tokens split
+    characters: the bytes still add up)."""
+    tok = engine.tokenizer
+    text = "Grüße, 東京! <|im_start|> naïve café 🦅"
+    ids = tok.encode(text, special=False)
+    assert b"".join(tok.token_bytes(i) for i in ids) == tok.decode(ids).encode("utf-8") == text.encode("utf-8")
+    assert tok.token_bytes(tok.token_to_id("<|im_end|>")) == b"<|im_end|>"

@@ -45,18 +45,39 @@ MAX_REDRAWS = 16  # draws per step before a refused token ends the request
 log = logging.getLogger(__name__)
 
 
+class _Vocabulary:
+    """Our tokenizer as llguidance's TokenizerWrapper reads it: each token's exact bytes, the special
+    ids, and an encoder for plain text. llguidance's own reading of a tokenizer.json goes through its
+    decoder and pre-tokenizer settings, which differ between converters of one model (the GGUF
+    conversion on the H100 gave masks that admitted tokens the parser then refused); these bytes are
+    the ones our decoder emits, so mask, parser and the reply agree."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self.tokens = [tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
+        self.eos_token_id = min(tokenizer.eos_ids) if tokenizer.eos_ids else None
+        self.bos_token_id = tokenizer.bos_id
+        self.special_token_ids = sorted(tokenizer.special_ids)
+
+    def __call__(self, text: str) -> list[int]:
+        if not isinstance(text, str):  # TokenizerWrapper probes with bytes; we take text only
+            raise TypeError("text only")
+        return self._tokenizer.encode(text, special=False)
+
+
 def _ll_tokenizer(tokenizer: Tokenizer) -> Any:
-    """llguidance's view of our tokenizer (about a second to build, so built once per tokenizer)."""
+    """llguidance's view of our tokenizer (built once per tokenizer: about a second)."""
     import llguidance
 
     with _TOKENIZERS_LOCK:
         found = _TOKENIZERS.get(tokenizer)
         if found is None:
             eos = sorted(tokenizer.eos_ids) or None
+            wrapper = llguidance.TokenizerWrapper(_Vocabulary(tokenizer))
             try:
-                found = llguidance.LLTokenizer(tokenizer._hf.to_str(), eos_token=eos)
+                found = llguidance.LLTokenizer(wrapper, eos_token=eos)
             except TypeError:  # llguidance < 1.9 takes a single end-of-sequence id
-                found = llguidance.LLTokenizer(tokenizer._hf.to_str(), eos_token=eos[0] if eos else None)
+                found = llguidance.LLTokenizer(wrapper, eos_token=eos[0] if eos else None)
             _TOKENIZERS[tokenizer] = found
         return found
 
@@ -206,6 +227,7 @@ class Constraint:
 
     def advance(self, token: int) -> None:
         """Follow the sampled token and start computing the next mask in the background."""
+        self._drop_pending()  # a mask still being built for a step whose logits were never asked for
         if not self._matcher.consume_token(int(token)):
             raise GenerationError(f"the grammar refused token {token}: {self._matcher.get_error()}",
                                   hint="This is a bug in constrained decoding; please report it.")

@@ -12,7 +12,8 @@ arithmetic, 8 products per partial sum, group scales and the sum over tiles in f
 about 1e-3 of the output instead of fp32 rounding. It is opt-in until it has run on a GPU; by
 default, and always for 2..32 rows, the exact fp32 kernel runs.
 
-One workspace per backend (fp32 partial sums + per-column-strip counters) is shared by all layers:
+One workspace per backend (partial sums in 64-bit fixed point, so a product is the same on every run
+whatever order its K-split blocks finish in, + per-column-strip counters) is shared by all layers:
 kernels on one CUDA stream run one after another, so the model must run on a single stream.
 """
 
@@ -125,7 +126,7 @@ class CudaBackend(TorchBackend):
         super().__init__(device, dtype)
         self.ext = _ext()
         self._packed: dict[int, tuple[Linear, PackedExl2]] = {}
-        self._acc = torch.zeros(0, dtype=torch.float32, device=device)
+        self._acc = torch.zeros(0, dtype=torch.int64, device=device)
         self._counters = torch.zeros(0, dtype=torch.int32, device=device)
         index = device.index if device.index is not None else torch.cuda.current_device()
         self._sms = torch.cuda.get_device_properties(index).multi_processor_count
@@ -151,8 +152,8 @@ class CudaBackend(TorchBackend):
 
     def _grow_workspace(self, padded_out: int) -> None:
         need_acc = GEMV_ROWS * padded_out
-        if self._acc.numel() < need_acc:
-            self._acc = torch.zeros(need_acc, dtype=torch.float32, device=self.device)
+        if self._acc.numel() < need_acc:  # 64-bit fixed point: the K-split sum is order-independent
+            self._acc = torch.zeros(need_acc, dtype=torch.int64, device=self.device)
         need_cnt = -(-padded_out // COLS_PER_BLOCK)
         if self._counters.numel() < need_cnt:
             self._counters = torch.zeros(need_cnt, dtype=torch.int32, device=self.device)

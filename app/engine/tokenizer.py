@@ -263,17 +263,36 @@ class Tokenizer:
         raw = self._hf.id_to_token(token_id)
         if raw is None:
             return ""
+        piece = self._piece_bytes(raw)
+        if piece is None:
+            return self._hf.decode([token_id], skip_special_tokens=False)
+        return piece.decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes one token adds to the text (a byte-level token may hold part of a UTF-8
+        character): what a grammar engine must see, whatever the tokenizer.json's decoder says."""
+        self._check_ids([token_id])
+        raw = self._hf.id_to_token(token_id)
+        if raw is None:
+            return b""
+        piece = self._piece_bytes(raw)
+        if piece is None:
+            return self._hf.decode([token_id], skip_special_tokens=False).encode("utf-8")
+        return piece
+
+    def _piece_bytes(self, raw: str) -> bytes | None:
+        """Bytes of a vocabulary entry by the tokenizer's kind; None where only the decoder knows."""
         if raw in self.added_tokens:
-            return raw
+            return raw.encode("utf-8")
         if self.kind == "byte_level":
             table = _byte_level_decode_table()
             if all(c in table for c in raw):
-                return bytes(table[c] for c in raw).decode("utf-8", errors="replace")
+                return bytes(table[c] for c in raw)
         if self.kind == "sentencepiece":
             if match := _BYTE_PIECE.match(raw):
-                return bytes([int(match.group(1), 16)]).decode("utf-8", errors="replace")
-            return raw.replace("\u2581", " ")
-        return self._hf.decode([token_id], skip_special_tokens=False)
+                return bytes([int(match.group(1), 16)])
+            return raw.replace("\u2581", " ").encode("utf-8")
+        return None
 
     def stream_decoder(self, *, skip_special: bool = True) -> StreamDecoder:
         return StreamDecoder(self, skip_special=skip_special)

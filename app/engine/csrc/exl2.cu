@@ -111,8 +111,8 @@ static GemvArgs gemv_args(const torch::Tensor& x, const torch::Tensor& perm, con
   TORCH_CHECK(num_tiles * TILE_ROWS >= K && (num_tiles - 1) * TILE_ROWS < K, "tiles do not cover K");
   TORCH_CHECK(out.scalar_type() == torch::kHalf && out.size(0) == M && out.stride(1) == 1 && N <= Np,
               "out must be fp16 (M, N) with unit column stride");
-  TORCH_CHECK(acc_ws.scalar_type() == torch::kFloat32 && acc_ws.numel() >= (int64_t)MAX_ROWS * Np,
-              "acc_ws must be a zeroed float32 workspace of at least 8 * Np elements");
+  TORCH_CHECK(acc_ws.is_cuda() && acc_ws.scalar_type() == torch::kInt64 && acc_ws.numel() >= (int64_t)MAX_ROWS * Np,
+              "acc_ws must be a zeroed int64 workspace of at least 8 * Np elements");
   const int col_blocks = (Np / 4 + GEMV_THREADS - 1) / GEMV_THREADS;
   TORCH_CHECK(counters.scalar_type() == torch::kInt32 && counters.numel() >= col_blocks,
               "counters must be a zeroed int32 workspace with one entry per column strip");
@@ -130,6 +130,7 @@ static GemvArgs gemv_args(const torch::Tensor& x, const torch::Tensor& perm, con
   const int per_sm = 2 * g_blocks_per_sm;
   const int target_chunks = std::max(1, (per_sm * sms + col_blocks - 1) / col_blocks);
   int tiles_per_chunk = std::max(1, (num_tiles + target_chunks - 1) / target_chunks);
+  tiles_per_chunk = std::max(tiles_per_chunk, (num_tiles + 2047) / 2048);  // the fixed-point sum's bound
   tiles_per_chunk = std::min(tiles_per_chunk, MAX_TILES_PER_CHUNK);
   const int chunks = (num_tiles + tiles_per_chunk - 1) / tiles_per_chunk;
   const dim3 grid(col_blocks, chunks);
@@ -141,7 +142,7 @@ static GemvArgs gemv_args(const torch::Tensor& x, const torch::Tensor& perm, con
                   reinterpret_cast<const uint32_t*>(qscale.data_ptr<int>()), step.data_ptr<float>(),
                   reinterpret_cast<const int2*>(tiles.data_ptr<int>()),
                   has_bias ? reinterpret_cast<const half*>(bias.data_ptr<at::Half>()) : nullptr,
-                  acc_ws.data_ptr<float>(), reinterpret_cast<unsigned*>(counters.data_ptr<int>()),
+                  reinterpret_cast<unsigned long long*>(acc_ws.data_ptr<int64_t>()), reinterpret_cast<unsigned*>(counters.data_ptr<int>()),
                   reinterpret_cast<half*>(out.data_ptr<at::Half>()), (int)out.stride(0), K, N, Np, num_tiles,
                   tiles_per_chunk, grid, smem, stream};
 }

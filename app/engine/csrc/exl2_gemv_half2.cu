@@ -46,7 +46,7 @@ __global__ void __launch_bounds__(GEMV_THREADS)
 exl2_gemv_half2_kernel(const half* __restrict__ x, const int* __restrict__ perm,
                        const int4* __restrict__ qweight, const uint32_t* __restrict__ qscale,
                        const float* __restrict__ step, const int2* __restrict__ tiles,
-                       const half* __restrict__ bias, float* __restrict__ acc_ws,
+                       const half* __restrict__ bias, unsigned long long* __restrict__ acc_ws,
                        unsigned* __restrict__ counters, half* __restrict__ out,
                        int K, int N, int Np, int num_tiles, int tiles_per_chunk) {
   extern __shared__ int4 xs_raw[];  // tiles_per_chunk * 32 halves: per tile, 16 x pairs in decode order
@@ -146,7 +146,7 @@ exl2_gemv_half2_kernel(const half* __restrict__ x, const int* __restrict__ perm,
 
   if (active) {
 #pragma unroll
-    for (int c = 0; c < 4; ++c) atomicAdd(acc_ws + col4 * 4 + c, acc[c]);
+    for (int c = 0; c < 4; ++c) add_fixed(acc_ws + col4 * 4 + c, acc[c]);
   }
   __threadfence();
   __syncthreads();
@@ -158,9 +158,7 @@ exl2_gemv_half2_kernel(const half* __restrict__ x, const int* __restrict__ perm,
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
       const int n = col4 * 4 + c;
-      float* p = acc_ws + n;
-      const float v = __ldcg(p);
-      __stcg(p, 0.f);
+      const float v = take_fixed(acc_ws + n);
       if (n < N) out[n] = __float2half_rn(v + (bias ? __half2float(bias[n]) : 0.f));
     }
   }

@@ -13,9 +13,14 @@
 // The gemv: each thread owns 4 adjacent columns and reads a tile's `bits` words for them with one
 // 16-byte load per word (a warp reads 512 contiguous bytes); the next tile is loaded while the current
 // one is decoded. Per tile the 32 codes are dotted with x in fp32 and the group scale
-// fp16(fp16(s*s) * step) is applied once. Blocks split K; partial sums go to an fp32 workspace with
+// fp16(fp16(s*s) * step) is applied once. Blocks split K; partial sums go to a workspace with
 // atomics and the last block of each column strip writes fp16 output (+ bias) and re-zeroes the
-// workspace, so one launch does the whole product.
+// workspace, so one launch does the whole product. The workspace holds 64-bit fixed point (units of
+// 2^-34), not fp32: integer addition is associative, so the sum does not depend on the order the
+// blocks arrive in, and a step gives the same logits on every run (graph or eager, one row or the
+// drafts' check, same seed same tokens). 2^-34 is far below fp16's smallest step (2^-24). A partial
+// sum is clamped to +-2^17, beyond fp16's range (the output is then inf, as it would be anyway), so
+// even 2^11 K chunks cannot overflow 63 bits; NaN clamps too.
 
 #pragma once
 #include <torch/extension.h>
@@ -82,6 +87,21 @@ __device__ __forceinline__ void tile_scales(float (&scale)[4], const uint32_t* _
   }
 }
 
+constexpr float FIXED_ONE = 17179869184.0f;  // 2^34
+constexpr float FIXED_LIMIT = 131072.0f;     // 2^17
+
+__device__ __forceinline__ void add_fixed(unsigned long long* p, float v) {
+  v = fminf(fmaxf(v, -FIXED_LIMIT), FIXED_LIMIT);
+  atomicAdd(p, (unsigned long long)__float2ll_rn(v * FIXED_ONE));
+}
+
+// The column's sum, read back once by the last block, which leaves the word zeroed for the next launch.
+__device__ __forceinline__ float take_fixed(unsigned long long* p) {
+  const long long s = (long long)__ldcg(p);
+  __stcg(p, 0ull);
+  return (float)((double)s * (1.0 / (double)FIXED_ONE));
+}
+
 template <int BITS, int M>
 __device__ __forceinline__ void tile_dot(const int4 (&w)[8], const float* __restrict__ xs, int xstride,
                                          const float (&scale)[4], float (&acc)[M][4]) {
@@ -113,7 +133,7 @@ __global__ void __launch_bounds__(GEMV_THREADS)
 exl2_gemv_kernel(const half* __restrict__ x, int x_stride, const int* __restrict__ perm,
                  const int4* __restrict__ qweight, const uint32_t* __restrict__ qscale,
                  const float* __restrict__ step, const int2* __restrict__ tiles,
-                 const half* __restrict__ bias, float* __restrict__ acc_ws,
+                 const half* __restrict__ bias, unsigned long long* __restrict__ acc_ws,
                  unsigned* __restrict__ counters, half* __restrict__ out, int out_stride,
                  int K, int N, int Np, int num_tiles, int tiles_per_chunk) {
   extern __shared__ float xs[];
@@ -188,7 +208,7 @@ exl2_gemv_kernel(const half* __restrict__ x, int x_stride, const int* __restrict
 #pragma unroll
     for (int m = 0; m < M; ++m)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) atomicAdd(acc_ws + (size_t)m * Np + col4 * 4 + c, acc[m][c]);
+      for (int c = 0; c < 4; ++c) add_fixed(acc_ws + (size_t)m * Np + col4 * 4 + c, acc[m][c]);
   }
   __threadfence();
   __syncthreads();
@@ -202,9 +222,7 @@ exl2_gemv_kernel(const half* __restrict__ x, int x_stride, const int* __restrict
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         const int n = col4 * 4 + c;
-        float* p = acc_ws + (size_t)m * Np + n;
-        const float v = __ldcg(p);
-        __stcg(p, 0.f);
+        const float v = take_fixed(acc_ws + (size_t)m * Np + n);
         if (n < N) out[(size_t)m * out_stride + n] = __float2half_rn(v + (bias ? __half2float(bias[n]) : 0.f));
       }
   }
@@ -222,7 +240,7 @@ struct GemvArgs {
   const float* step;
   const int2* tiles;
   const half* bias;
-  float* acc_ws;
+  unsigned long long* acc_ws;
   unsigned* counters;
   half* out;
   int out_stride, K, N, Np, num_tiles, tiles_per_chunk;
