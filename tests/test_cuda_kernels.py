@@ -436,6 +436,24 @@ def test_graph_decode_gives_the_eager_tokens(smollm2_exl2_mixed, reference_dir, 
     assert again == graph_text
 
 
+def test_regenerate_with_one_seed_gives_one_reply(smollm2_exl2_mixed, reference_dir) -> None:
+    """The second request finds the prompt cached and recomputes only its last token; that token goes
+    through the decode step in the first request too, and the gemv's sum does not depend on block
+    order, so a sampled reply with one seed comes back token for token."""
+    from app.engine import Engine
+    from app.engine.types import GenerationSettings
+
+    ids = [int(t) for t in np.load(reference_dir / "prompt_ids.npy")[0]]
+    settings = GenerationSettings(max_new_tokens=64, seed=11, samplers={"temperature": 1.0}, stop_on_eos=False)
+    engine = Engine.load(smollm2_exl2_mixed, "cuda", backend="cuda", max_seq_len=1024)
+    first, _ = engine.generator.generate(ids, settings)
+    for _ in range(3):
+        again, last = engine.generator.generate(ids, settings)
+        assert last.prompt_tokens == len(ids)
+        assert engine.generator.last_prefill_tokens == 1  # the cached prompt: only its last token
+        assert again == first
+
+
 def _quant_caches(bits: int, d: int, dtype: torch.dtype, s: int = 400):
     """Two one-layer quantized caches on the GPU with real RoPE tables: one for QuantKVCache.update (the
     reference), one for the decode-step kernel."""

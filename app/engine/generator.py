@@ -237,8 +237,12 @@ class Generator:
         while pos < len(ids):
             if self._cancel.is_set():
                 return None  # type: ignore[return-value]
-            end = min(pos + self.prefill_chunk, len(ids))
-            if end - pos == 1:  # one token (a draft catching up, a regenerate): the decode step, graphed
+            # The last prompt token always goes through the decode step, alone: its logits and K/V are
+            # then the same whether the prompt was prefilled now or found cached (a regenerate
+            # recomputes only that token), so one seed gives one reply. A batched prefill rounds
+            # differently from the one-token step, which parted greedy replies at near-ties.
+            end = len(ids) if pos == len(ids) - 1 else min(pos + self.prefill_chunk, len(ids) - 1)
+            if end - pos == 1:  # one token (the last, a draft catching up, a regenerate): the decode step, graphed
                 logits = self._decode_one(ids[pos], pos)
             else:
                 logits = self.model.forward(torch.tensor([ids[pos:end]], device=self.model.device), cache, pos,
