@@ -24,21 +24,22 @@ Q8=/root/kt/smollm2-exl2-q8-v2
 log() { echo "$(date +%T) $*" | tee -a $R/progress.txt; }
 sync_tree() { tar --exclude=.whl --exclude=.git -cf - . | (cd /root/repo && tar -xf -); cp -r .carry /root/repo/ 2>/dev/null; }
 
-step_gpu() {
-  # what changed most recently first (quantized-cache kernel, drafts' graph, graphs, greedy tokens), then the rest
-  local first="same_bits or speculative or graph or greedy or cache_decode or attention_cached"
+GPU_FIRST_K="same_bits or linear_many or speculative or graph or greedy or regenerate or cache_decode or attention_cached"
+step_gpufirst() {  # what changed most recently first (gemv sums, fused launches, graphs, greedy tokens)
   (cd /root/repo && timeout ${GPU_FIRST_S:-240} python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short \
-      tests/test_cuda_kernels.py tests/test_gpu_engine.py -k "${GPU_FIRST:-$first}" 2>&1 | head -c 60000) \
+      tests/test_cuda_kernels.py tests/test_gpu_engine.py -k "${GPU_FIRST:-$GPU_FIRST_K}" 2>&1 | head -c 60000) \
       > $R/gpu_tests_first.txt
-  [ -n "${GPU_FIRST_ONLY:-}" ] && return
-  (cd /root/repo && timeout ${GPU_TESTS_S:-360} python3 -m pytest -q -m gpu -p no:cacheprovider \
-      tests/test_cuda_kernels.py tests/test_gpu_engine.py tests/test_lora.py -k "not ($first)" 2>&1 | tail -25) \
+}
+step_gpurest() {
+  (cd /root/repo && timeout ${GPU_TESTS_S:-360} python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short \
+      tests/test_cuda_kernels.py tests/test_gpu_engine.py tests/test_lora.py -k "not ($GPU_FIRST_K)" 2>&1 | tail -c 20000) \
       > $R/gpu_tests.txt
   [ -z "${GPU_HALF2:-}" ] && return
   # the half2 gemv on: do greedy tokens still match the PyTorch path and the eager path?
   (cd /root/repo && KESTREL_GEMV_EXACT=0 timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider \
       tests/test_cuda_kernels.py tests/test_gpu_engine.py -k "greedy or graph" 2>&1 | tail -25) > $R/gpu_tests_half2.txt
 }
+step_gpu() { step_gpufirst; step_gpurest; }
 step_planner() {
   [ -d /root/syn1b ] || python3 bench/synthetic_exl2.py /root/syn1b --shape llama3.2-1b --tokenizer-from $FP16 | tail -1
   [ -d /root/syn8b ] || python3 bench/synthetic_exl2.py /root/syn8b --shape llama3-8b --tokenizer-from $FP16 | tail -1
@@ -72,7 +73,11 @@ step_longchat() {
   OUT=$R timeout 240 python3 bench/bench_long_chat.py --model $FP16 --device cuda > $R/long_chat.txt 2>&1
 }
 step_decode() {
-  # exact gemv with exllamav2 beside it, then the half2 gemv (KESTREL_GEMV_EXACT=0) alone
+  # exact gemv with exllamav2 beside it, then the half2 gemv (KESTREL_GEMV_EXACT=0) alone; on SmolLM2
+  # also one launch per matrix (KESTREL_GEMV_MANY=0), the A/B of the fused q/k/v and gate/up launches
+  [ -d /root/syn8b ] || python3 bench/synthetic_exl2.py /root/syn8b --shape llama3-8b --tokenizer-from $FP16 | tail -1
+  KESTREL_GEMV_MANY=0 timeout 120 python3 bench/bench_decode.py $B4 --backends cuda --no-kernels \
+      --out $R/bench_decode_smollm2_unfused.json > $R/bench_decode_smollm2_unfused.txt 2>&1
   for m in smollm2 llama8b; do
     if [ $m = smollm2 ]; then dir=$B4; kern=--no-kernels; else dir=/root/syn8b; kern=""; fi
     timeout 200 python3 bench/bench_decode.py $dir --exllamav2 --backends cuda --no-kernels \

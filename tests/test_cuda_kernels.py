@@ -222,6 +222,32 @@ def test_gemv_gives_the_same_bits_on_every_run(backend, fn: str, k: int, n: int)
             assert torch.equal(rows[r:r + 1], raw_gemv(backend, fn, x[r:r + 1], lin))
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8, 12])
+@pytest.mark.parametrize("k,ns", [(576, (576, 192, 192)), (4128, (1032, 200)), (1504, (24, 1000, 8))])
+def test_linear_many_is_one_launch_of_every_matrix(backend, k: int, ns: tuple[int, ...], rows: int) -> None:
+    """q/k/v (or gate/up) as one gemv launch: each output against the float64 product with its own
+    dequantized weight and bias (act order, mixed bits), every row alike whatever the row count, and
+    the same bits on every run."""
+    made = [make_layer(k, n, "mixed", seed=k + 31 * n + i, act_order=True, bias=i == 1) for i, n in enumerate(ns)]
+    lins = tuple(lin for lin, _, _ in made)
+    for lin in lins:
+        backend.prepare_linear(lin)
+    backend.reserve_group(lins)
+    assert backend.gemv_many, "the built extension predates exl2_gemv_many: rebuild it"
+    x = (torch.randn(rows, k, generator=torch.Generator().manual_seed(rows + k)) * 2).half().cuda()
+    outs = backend.linear_many(x, lins)
+    for out, (lin, ref_w, b) in zip(outs, made, strict=True):
+        ref = x.cpu().double() @ ref_w.double().t() + (b.double() if b is not None else 0)
+        assert out.shape == (rows, lin.out_features)
+        assert rel_err(out.cpu().double(), ref) < 1e-3
+    for _ in range(5):
+        assert all(torch.equal(a, b) for a, b in zip(backend.linear_many(x, lins), outs, strict=True))
+    if rows <= 8:
+        for r in range(rows):
+            one = backend.linear_many(x[r:r + 1], lins)
+            assert all(torch.equal(a, b[r:r + 1]) for a, b in zip(one, outs, strict=True))
+
+
 def test_half2_gemv_bias_and_backend_path(backend, monkeypatch) -> None:
     lin, ref_w, b = make_layer(1536, 200, "mixed", seed=5, bias=True)
     backend.prepare_linear(lin)

@@ -37,9 +37,10 @@ STATUS_FILE = Path(__file__).resolve().parent / f"{EXT_NAME}.build-status.txt"
 FUNCTIONS = ("exl2_gemv", "exl2_dequant", "set_gemv_blocks_per_sm", "rms_norm", "silu_mul", "rope",
              "attention_decode", "attention_decode_cached", "rope_cache_decode")
 # Entry points the engine uses only when present (the backend checks with hasattr), so a build that
-# predates them is still current enough: the half2 gemv (opt-in, csrc/exl2_gemv_half2.cu) and the
-# quantized-cache decode step (csrc/kv_quant.cu; without it a quantized cache decodes eagerly).
-OPTIONAL_FUNCTIONS = ("exl2_gemv_half2", "kv_quant_decode")
+# predates them is still current enough: the half2 gemv (opt-in, csrc/exl2_gemv_half2.cu), the
+# quantized-cache decode step (csrc/kv_quant.cu; without it a quantized cache decodes eagerly) and the
+# one-launch gemv of q/k/v and gate/up (without it, one launch per matrix).
+OPTIONAL_FUNCTIONS = ("exl2_gemv_half2", "kv_quant_decode", "exl2_gemv_many")
 
 
 def find_cuda_home() -> str | None:

@@ -73,6 +73,13 @@ class TorchBackend:
     def linear(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:
         return F.linear(x, lin.weight, lin.bias)
 
+    def linear_many(self, x: torch.Tensor, lins: tuple[Linear, ...]) -> list[torch.Tensor]:
+        """Several linears of one input (q/k/v, gate/up); a backend may run them as one kernel."""
+        return [self.linear(x, lin) for lin in lins]
+
+    def reserve_group(self, lins: tuple[Linear, ...]) -> None:
+        """Called at load for each group linear_many will see, so buffers are sized before any capture."""
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)

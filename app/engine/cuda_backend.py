@@ -133,6 +133,7 @@ class CudaBackend(TorchBackend):
         # One row of x: the half2 gemv only with KESTREL_GEMV_EXACT=0 and an extension that has it.
         self.gemv_exact = GEMV_EXACT or not hasattr(self.ext, "exl2_gemv_half2")
         self.fused_kv_quant = hasattr(self.ext, "kv_quant_decode")  # absent from builds before it
+        self.gemv_many = hasattr(self.ext, "exl2_gemv_many") and os.environ.get("KESTREL_GEMV_MANY", "1") != "0"
 
     # --- weights -------------------------------------------------------------------------------
 
@@ -149,6 +150,11 @@ class CudaBackend(TorchBackend):
         self._packed[id(lin)] = (lin, packed)
         self._grow_workspace(packed.padded_out)
         return lin
+
+    def reserve_group(self, lins: tuple[Linear, ...]) -> None:
+        packs = [self.packed(lin) for lin in lins]
+        if all(p is not None for p in packs):
+            self._grow_workspace(sum(p.padded_out for p in packs))  # type: ignore[union-attr]
 
     def _grow_workspace(self, padded_out: int) -> None:
         need_acc = GEMV_ROWS * padded_out
@@ -195,6 +201,28 @@ class CudaBackend(TorchBackend):
         else:
             out = self._dequant_matmul(x2, p, lin.bias)
         return out.view(*lead, p.out_features).to(x.dtype)
+
+    def linear_many(self, x: torch.Tensor, lins: tuple[Linear, ...]) -> list[torch.Tensor]:
+        """q/k/v or gate/up in one gemv launch (one graph node instead of two or three) where all are
+        packed EXL2 with the exact kernel's row count; otherwise one linear() each."""
+        packs = [self.packed(lin) for lin in lins]
+        rows = x.numel() // x.shape[-1]
+        fused = (self.gemv_many and 1 < len(lins) <= 3 and all(p is not None for p in packs)
+                 and rows <= GEMV_MAX_ROWS and (rows > 1 or self.gemv_exact))
+        if not fused:
+            return [self.linear(x, lin) for lin in lins]
+        ps: list[PackedExl2] = packs  # type: ignore[assignment]
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, ps[0].in_features).to(torch.float16).contiguous()
+        outs = [torch.empty(rows, p.out_features, dtype=torch.float16, device=x2.device) for p in ps]
+        empty = torch.empty(0, dtype=torch.float16, device=x2.device)
+        biases = [lin.bias if lin.bias is not None else empty for lin in lins]
+        for r0 in range(0, rows, GEMV_ROWS):
+            r1 = min(rows, r0 + GEMV_ROWS)
+            self.ext.exl2_gemv_many(x2[r0:r1], [p.perm for p in ps], [p.qweight for p in ps],
+                                    [p.qscale for p in ps], [p.step for p in ps], [p.tiles for p in ps], biases,
+                                    self._acc, self._counters, [o[r0:r1] for o in outs])
+        return [o.view(*lead, p.out_features).to(x.dtype) for o, p in zip(outs, ps, strict=True)]
 
     def gemv(self, x2: torch.Tensor, p: PackedExl2, bias: torch.Tensor | None) -> torch.Tensor:
         rows = x2.shape[0]

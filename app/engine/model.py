@@ -61,6 +61,9 @@ class Transformer:
         self._cos = self._sin = None
         self._rope_len = 0
         self._lora_by_thread = threading.local()
+        for layer in layers:  # the groups _attn_qkv and _mlp hand to backend.linear_many
+            backend.reserve_group((layer.q_proj, layer.k_proj, layer.v_proj))
+            backend.reserve_group((layer.gate_proj, layer.up_proj))
 
     @property
     def lora(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -138,7 +141,13 @@ class Transformer:
     def _linear(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:
         """Every linear of the model goes through here: the backend's kernel for the base weight
         (fp16 or packed EXL2, never modified), then the active LoRA delta as two small matmuls."""
-        y = self.backend.linear(x, lin)
+        return self._with_lora(x, lin, self.backend.linear(x, lin))
+
+    def _linears(self, x: torch.Tensor, lins: tuple[Linear, ...]) -> list[torch.Tensor]:
+        """Linears of one input (q/k/v, gate/up): one backend call, then each one's LoRA delta."""
+        return [self._with_lora(x, lin, y) for lin, y in zip(lins, self.backend.linear_many(x, lins), strict=True)]
+
+    def _with_lora(self, x: torch.Tensor, lin: Linear, y: torch.Tensor) -> torch.Tensor:
         if self.lora:
             delta = self.lora.get(lin.name)
             if delta is not None:
@@ -149,16 +158,18 @@ class Transformer:
     def _attn_qkv(self, layer: Layer, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         c = self.config
         b, t = h.shape[0], h.shape[1]
-        q = self._linear(h, layer.q_proj).view(b, t, c.num_heads, c.head_dim)
-        k = self._linear(h, layer.k_proj).view(b, t, c.num_kv_heads, c.head_dim)
-        v = self._linear(h, layer.v_proj).view(b, t, c.num_kv_heads, c.head_dim)
+        q, k, v = self._linears(h, (layer.q_proj, layer.k_proj, layer.v_proj))
+        q = q.view(b, t, c.num_heads, c.head_dim)
+        k = k.view(b, t, c.num_kv_heads, c.head_dim)
+        v = v.view(b, t, c.num_kv_heads, c.head_dim)
         if layer.q_norm is not None:
             q = self.backend.rms_norm(q, layer.q_norm, c.rms_norm_eps)
             k = self.backend.rms_norm(k, layer.k_norm, c.rms_norm_eps)
         return q, k, v
 
     def _mlp(self, layer: Layer, h: torch.Tensor) -> torch.Tensor:
-        act = self.backend.mlp_act(self._linear(h, layer.gate_proj), self._linear(h, layer.up_proj))
+        gate, up = self._linears(h, (layer.gate_proj, layer.up_proj))
+        act = self.backend.mlp_act(gate, up)
         return self._linear(act, layer.down_proj)
 
     def _next_norm(self, i: int) -> torch.Tensor:

@@ -6,6 +6,10 @@ namespace kestrel {
 void exl2_gemv(torch::Tensor x, torch::Tensor perm, torch::Tensor qweight, torch::Tensor qscale,
                torch::Tensor step, torch::Tensor tiles, torch::Tensor bias, torch::Tensor acc_ws,
                torch::Tensor counters, torch::Tensor out);
+void exl2_gemv_many(torch::Tensor x, std::vector<torch::Tensor> perms, std::vector<torch::Tensor> qweights,
+                    std::vector<torch::Tensor> qscales, std::vector<torch::Tensor> steps,
+                    std::vector<torch::Tensor> tiles, std::vector<torch::Tensor> biases, torch::Tensor acc_ws,
+                    torch::Tensor counters, std::vector<torch::Tensor> outs);
 void exl2_gemv_half2(torch::Tensor x, torch::Tensor perm, torch::Tensor qweight, torch::Tensor qscale,
                      torch::Tensor step, torch::Tensor tiles, torch::Tensor bias, torch::Tensor acc_ws,
                      torch::Tensor counters, torch::Tensor out);
@@ -30,6 +34,8 @@ void kv_quant_decode(torch::Tensor kq, torch::Tensor ks, torch::Tensor vq, torch
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Kestrel CUDA kernels: EXL2 gemv/dequant, RMSNorm, SiLU*mul, RoPE, decode attention";
   m.def("exl2_gemv", &kestrel::exl2_gemv, "EXL2 matrix-vector product for 1..8 rows (writes out)");
+  m.def("exl2_gemv_many", &kestrel::exl2_gemv_many,
+        "EXL2 gemv of 2..3 matrices sharing x (q/k/v, gate/up) in one launch; lists hold one entry per matrix");
   m.def("exl2_gemv_half2", &kestrel::exl2_gemv_half2,
         "EXL2 matrix-vector product for one row in half2 arithmetic (fast decode path, not bit-exact)");
   m.def("exl2_dequant", &kestrel::exl2_dequant, "EXL2 columns [n0, n0+out.shape[1]) to fp16 (K, ncols), quant order");

@@ -94,32 +94,64 @@ static void check_layout(const torch::Tensor& qweight, const torch::Tensor& qsca
               "tiles must be a contiguous CUDA int32 (T, 2) tensor");
 }
 
-// Argument checks and the launch geometry shared by the exact gemv and the batch-1 half2 gemv.
-static GemvArgs gemv_args(const torch::Tensor& x, const torch::Tensor& perm, const torch::Tensor& qweight,
-                          const torch::Tensor& qscale, const torch::Tensor& step, const torch::Tensor& tiles,
-                          const torch::Tensor& bias, const torch::Tensor& acc_ws, const torch::Tensor& counters,
-                          const torch::Tensor& out, size_t smem_per_row) {
-  check_layout(qweight, qscale, step, tiles);
+// The tensors of one matrix in a launch.
+struct PartTensors {
+  torch::Tensor perm, qweight, qscale, step, tiles, bias, out;
+};
+
+// Argument checks and the launch geometry shared by the exact gemv (1..3 matrices sharing x) and the
+// batch-1 half2 gemv (one matrix).
+static GemvArgs gemv_args(const torch::Tensor& x, const std::vector<PartTensors>& parts, const torch::Tensor& acc_ws,
+                          const torch::Tensor& counters, size_t smem_per_row) {
   TORCH_CHECK(x.is_cuda() && x.scalar_type() == torch::kHalf && x.dim() == 2 && x.stride(1) == 1,
               "x must be a CUDA fp16 (M, K) tensor with unit column stride");
+  TORCH_CHECK(!parts.empty() && (int)parts.size() <= MAX_PARTS, "exl2_gemv takes 1..3 matrices");
   const int M = (int)x.size(0);
   const int K = (int)x.size(1);
-  const int Np = (int)qweight.size(1);
-  const int N = (int)out.size(1);
-  const int num_tiles = (int)tiles.size(0);
   TORCH_CHECK(M >= 1 && M <= MAX_ROWS, "exl2_gemv takes 1..8 rows of x");
-  TORCH_CHECK(num_tiles * TILE_ROWS >= K && (num_tiles - 1) * TILE_ROWS < K, "tiles do not cover K");
-  TORCH_CHECK(out.scalar_type() == torch::kHalf && out.size(0) == M && out.stride(1) == 1 && N <= Np,
-              "out must be fp16 (M, N) with unit column stride");
-  TORCH_CHECK(acc_ws.is_cuda() && acc_ws.scalar_type() == torch::kInt64 && acc_ws.numel() >= (int64_t)MAX_ROWS * Np,
-              "acc_ws must be a zeroed int64 workspace of at least 8 * Np elements");
-  const int col_blocks = (Np / 4 + GEMV_THREADS - 1) / GEMV_THREADS;
-  TORCH_CHECK(counters.scalar_type() == torch::kInt32 && counters.numel() >= col_blocks,
-              "counters must be a zeroed int32 workspace with one entry per column strip");
-  const bool has_perm = perm.numel() > 0;
-  const bool has_bias = bias.numel() > 0;
-  if (has_perm) TORCH_CHECK(perm.scalar_type() == torch::kInt32 && perm.numel() == K, "perm must be int32 (K,)");
-  if (has_bias) TORCH_CHECK(bias.scalar_type() == torch::kHalf && bias.numel() >= N, "bias must be fp16 (N,)");
+  TORCH_CHECK(acc_ws.is_cuda() && acc_ws.scalar_type() == torch::kInt64, "acc_ws must be a zeroed CUDA int64 workspace");
+  TORCH_CHECK(counters.is_cuda() && counters.scalar_type() == torch::kInt32, "counters must be a zeroed CUDA int32 workspace");
+  GemvArgs a{};
+  a.x = reinterpret_cast<const half*>(x.data_ptr<at::Half>());
+  a.x_stride = (int)x.stride(0);
+  a.counters = reinterpret_cast<unsigned*>(counters.data_ptr<int>());
+  a.K = K;
+  a.parts.count = (int)parts.size();
+  int64_t ws_used = 0;
+  int col_blocks = 0;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    const PartTensors& t = parts[i];
+    check_layout(t.qweight, t.qscale, t.step, t.tiles);
+    const int Np = (int)t.qweight.size(1);
+    const int N = (int)t.out.size(1);
+    const int num_tiles = (int)t.tiles.size(0);
+    TORCH_CHECK(num_tiles * TILE_ROWS >= K && (num_tiles - 1) * TILE_ROWS < K, "tiles do not cover K");
+    TORCH_CHECK(i == 0 || num_tiles == a.num_tiles, "matrices of one launch must share K");
+    TORCH_CHECK(t.out.scalar_type() == torch::kHalf && t.out.size(0) == M && t.out.stride(1) == 1 && N <= Np,
+                "out must be fp16 (M, N) with unit column stride");
+    const bool has_perm = t.perm.numel() > 0;
+    const bool has_bias = t.bias.numel() > 0;
+    if (has_perm) TORCH_CHECK(t.perm.scalar_type() == torch::kInt32 && t.perm.numel() == K, "perm must be int32 (K,)");
+    if (has_bias) TORCH_CHECK(t.bias.scalar_type() == torch::kHalf && t.bias.numel() >= N, "bias must be fp16 (N,)");
+    GemvPart& p = a.parts.p[i];
+    p.perm = has_perm ? t.perm.data_ptr<int>() : nullptr;
+    p.qweight = reinterpret_cast<const int4*>(t.qweight.data_ptr<int>());
+    p.qscale = reinterpret_cast<const uint32_t*>(t.qscale.data_ptr<int>());
+    p.step = t.step.data_ptr<float>();
+    p.tiles = reinterpret_cast<const int2*>(t.tiles.data_ptr<int>());
+    p.bias = has_bias ? reinterpret_cast<const half*>(t.bias.data_ptr<at::Half>()) : nullptr;
+    p.acc_ws = reinterpret_cast<unsigned long long*>(acc_ws.data_ptr<int64_t>()) + ws_used;
+    p.out = reinterpret_cast<half*>(t.out.data_ptr<at::Half>());
+    p.out_stride = (int)t.out.stride(0);
+    p.N = N;
+    p.Np = Np;
+    p.block0 = col_blocks;
+    a.num_tiles = num_tiles;
+    ws_used += (int64_t)MAX_ROWS * Np;
+    col_blocks += (Np / 4 + GEMV_THREADS - 1) / GEMV_THREADS;
+  }
+  TORCH_CHECK(acc_ws.numel() >= ws_used, "acc_ws must hold 8 * Np words for each matrix of the launch");
+  TORCH_CHECK(counters.numel() >= col_blocks, "counters must hold one entry per column strip of the launch");
 
   // Enough blocks to keep every SM busy (g_blocks_per_sm each), but x chunks no longer than 1024 rows.
   const int sms = sm_count(x.get_device());
@@ -129,31 +161,18 @@ static GemvArgs gemv_args(const torch::Tensor& x, const torch::Tensor& perm, con
   // drafts checked as M rows get the logits of the one-row decode step bit for bit.
   const int per_sm = 2 * g_blocks_per_sm;
   const int target_chunks = std::max(1, (per_sm * sms + col_blocks - 1) / col_blocks);
-  int tiles_per_chunk = std::max(1, (num_tiles + target_chunks - 1) / target_chunks);
-  tiles_per_chunk = std::max(tiles_per_chunk, (num_tiles + 2047) / 2048);  // the fixed-point sum's bound
+  int tiles_per_chunk = std::max(1, (a.num_tiles + target_chunks - 1) / target_chunks);
+  tiles_per_chunk = std::max(tiles_per_chunk, (a.num_tiles + 2047) / 2048);  // the fixed-point sum's bound
   tiles_per_chunk = std::min(tiles_per_chunk, MAX_TILES_PER_CHUNK);
-  const int chunks = (num_tiles + tiles_per_chunk - 1) / tiles_per_chunk;
-  const dim3 grid(col_blocks, chunks);
-  const size_t smem = (size_t)M * tiles_per_chunk * TILE_ROWS * smem_per_row;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-
-  return GemvArgs{reinterpret_cast<const half*>(x.data_ptr<at::Half>()), (int)x.stride(0),
-                  has_perm ? perm.data_ptr<int>() : nullptr, reinterpret_cast<const int4*>(qweight.data_ptr<int>()),
-                  reinterpret_cast<const uint32_t*>(qscale.data_ptr<int>()), step.data_ptr<float>(),
-                  reinterpret_cast<const int2*>(tiles.data_ptr<int>()),
-                  has_bias ? reinterpret_cast<const half*>(bias.data_ptr<at::Half>()) : nullptr,
-                  reinterpret_cast<unsigned long long*>(acc_ws.data_ptr<int64_t>()), reinterpret_cast<unsigned*>(counters.data_ptr<int>()),
-                  reinterpret_cast<half*>(out.data_ptr<at::Half>()), (int)out.stride(0), K, N, Np, num_tiles,
-                  tiles_per_chunk, grid, smem, stream};
+  a.tiles_per_chunk = tiles_per_chunk;
+  a.grid = dim3(col_blocks, (a.num_tiles + tiles_per_chunk - 1) / tiles_per_chunk);
+  a.smem = (size_t)M * tiles_per_chunk * TILE_ROWS * smem_per_row;
+  a.stream = c10::cuda::getCurrentCUDAStream();
+  return a;
 }
 
-void exl2_gemv(torch::Tensor x, torch::Tensor perm, torch::Tensor qweight, torch::Tensor qscale,
-               torch::Tensor step, torch::Tensor tiles, torch::Tensor bias, torch::Tensor acc_ws,
-               torch::Tensor counters, torch::Tensor out) {
-  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor");
-  const c10::cuda::CUDAGuard guard(x.device());
-  const GemvArgs args = gemv_args(x, perm, qweight, qscale, step, tiles, bias, acc_ws, counters, out, sizeof(float));
-  switch (x.size(0)) {
+static void launch_rows(const GemvArgs& args, int rows) {
+  switch (rows) {
     case 1: launch_gemv<1>(args); break;
     case 2: launch_gemv<2>(args); break;
     case 3: launch_gemv<3>(args); break;
@@ -167,6 +186,34 @@ void exl2_gemv(torch::Tensor x, torch::Tensor perm, torch::Tensor qweight, torch
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+void exl2_gemv(torch::Tensor x, torch::Tensor perm, torch::Tensor qweight, torch::Tensor qscale,
+               torch::Tensor step, torch::Tensor tiles, torch::Tensor bias, torch::Tensor acc_ws,
+               torch::Tensor counters, torch::Tensor out) {
+  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const GemvArgs args = gemv_args(x, {PartTensors{perm, qweight, qscale, step, tiles, bias, out}}, acc_ws, counters,
+                                  sizeof(float));
+  launch_rows(args, (int)x.size(0));
+}
+
+// q, k and v (or gate and up): one launch for matrices that share x; each list holds one entry per matrix.
+void exl2_gemv_many(torch::Tensor x, std::vector<torch::Tensor> perms, std::vector<torch::Tensor> qweights,
+                    std::vector<torch::Tensor> qscales, std::vector<torch::Tensor> steps,
+                    std::vector<torch::Tensor> tiles, std::vector<torch::Tensor> biases, torch::Tensor acc_ws,
+                    torch::Tensor counters, std::vector<torch::Tensor> outs) {
+  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor");
+  const size_t n = qweights.size();
+  TORCH_CHECK(perms.size() == n && qscales.size() == n && steps.size() == n && tiles.size() == n &&
+                  biases.size() == n && outs.size() == n,
+              "exl2_gemv_many: one entry per matrix in every list");
+  const c10::cuda::CUDAGuard guard(x.device());
+  std::vector<PartTensors> parts;
+  for (size_t i = 0; i < n; ++i)
+    parts.push_back(PartTensors{perms[i], qweights[i], qscales[i], steps[i], tiles[i], biases[i], outs[i]});
+  const GemvArgs args = gemv_args(x, parts, acc_ws, counters, sizeof(float));
+  launch_rows(args, (int)x.size(0));
+}
+
 // One row of x, half2 arithmetic (exl2_gemv_half2.cu): not bit-exact, about fp16-accumulation accurate.
 void exl2_gemv_half2(torch::Tensor x, torch::Tensor perm, torch::Tensor qweight, torch::Tensor qscale,
                      torch::Tensor step, torch::Tensor tiles, torch::Tensor bias, torch::Tensor acc_ws,
@@ -174,7 +221,8 @@ void exl2_gemv_half2(torch::Tensor x, torch::Tensor perm, torch::Tensor qweight,
   TORCH_CHECK(x.dim() == 2 && x.size(0) == 1, "exl2_gemv_half2 takes exactly one row of x");
   TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
-  const GemvArgs args = gemv_args(x, perm, qweight, qscale, step, tiles, bias, acc_ws, counters, out, sizeof(half));
+  const GemvArgs args = gemv_args(x, {PartTensors{perm, qweight, qscale, step, tiles, bias, out}}, acc_ws, counters,
+                                  sizeof(half));
   launch_gemv_half2(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

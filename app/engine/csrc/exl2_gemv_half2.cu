@@ -169,8 +169,9 @@ exl2_gemv_half2_kernel(const half* __restrict__ x, const int* __restrict__ perm,
 
 // a.smem must hold tiles_per_chunk * 32 halves; x has one row.
 void launch_gemv_half2(const GemvArgs& a) {
+  const GemvPart& p = a.parts.p[0];
   exl2_gemv_half2_kernel<<<a.grid, GEMV_THREADS, a.smem, a.stream>>>(
-      a.x, a.perm, a.qweight, a.qscale, a.step, a.tiles, a.bias, a.acc_ws, a.counters, a.out, a.K, a.N, a.Np,
+      a.x, p.perm, p.qweight, p.qscale, p.step, p.tiles, p.bias, p.acc_ws, a.counters, p.out, a.K, p.N, p.Np,
       a.num_tiles, a.tiles_per_chunk);
 }
 

@@ -128,14 +128,50 @@ __device__ __forceinline__ void tile_dot(const int4 (&w)[8], const float* __rest
     for (int c = 0; c < 4; ++c) acc[m][c] = fmaf(part[m][c], scale[c], acc[m][c]);
 }
 
+// One matrix of a launch. Several matrices that share x (q, k and v; gate and up) run as one launch,
+// their column blocks side by side along grid.x: one graph node instead of three. Every launch over
+// the same matrices splits K alike, whatever the number of rows.
+constexpr int MAX_PARTS = 3;
+struct GemvPart {
+  const int* perm;  // act order (nullptr: identity)
+  const int4* qweight;
+  const uint32_t* qscale;
+  const float* step;
+  const int2* tiles;
+  const half* bias;  // nullptr: none
+  unsigned long long* acc_ws;  // this matrix's MAX_ROWS * Np words of the workspace
+  half* out;
+  int out_stride, N, Np;
+  int block0;  // first column block of this matrix in grid.x
+};
+struct GemvParts {
+  GemvPart p[MAX_PARTS];
+  int count;
+};
+
+// A field of the block's matrix, picked without indexing the parameter struct dynamically (which
+// would copy it to local memory).
+#define KESTREL_PART(f) (pi == 0 ? parts.p[0].f : (pi == 1 ? parts.p[1].f : parts.p[2].f))
+
 template <int M>
 __global__ void __launch_bounds__(GEMV_THREADS)
-exl2_gemv_kernel(const half* __restrict__ x, int x_stride, const int* __restrict__ perm,
-                 const int4* __restrict__ qweight, const uint32_t* __restrict__ qscale,
-                 const float* __restrict__ step, const int2* __restrict__ tiles,
-                 const half* __restrict__ bias, unsigned long long* __restrict__ acc_ws,
-                 unsigned* __restrict__ counters, half* __restrict__ out, int out_stride,
-                 int K, int N, int Np, int num_tiles, int tiles_per_chunk) {
+exl2_gemv_kernel(const half* __restrict__ x, int x_stride, const GemvParts parts,
+                 unsigned* __restrict__ counters, int K, int num_tiles, int tiles_per_chunk) {
+  int pi = 0;
+  if (parts.count > 1 && (int)blockIdx.x >= parts.p[1].block0) pi = 1;
+  if (parts.count > 2 && (int)blockIdx.x >= parts.p[2].block0) pi = 2;
+  const int* __restrict__ perm = KESTREL_PART(perm);
+  const int4* __restrict__ qweight = KESTREL_PART(qweight);
+  const uint32_t* __restrict__ qscale = KESTREL_PART(qscale);
+  const float* __restrict__ step = KESTREL_PART(step);
+  const int2* __restrict__ tiles = KESTREL_PART(tiles);
+  const half* __restrict__ bias = KESTREL_PART(bias);
+  unsigned long long* __restrict__ acc_ws = KESTREL_PART(acc_ws);
+  half* __restrict__ out = KESTREL_PART(out);
+  const int out_stride = KESTREL_PART(out_stride);
+  const int N = KESTREL_PART(N);
+  const int Np = KESTREL_PART(Np);
+  const int block_x = (int)blockIdx.x - KESTREL_PART(block0);
   extern __shared__ float xs[];
   __shared__ bool is_last;
   const int chunk_rows = tiles_per_chunk * TILE_ROWS;
@@ -155,7 +191,7 @@ exl2_gemv_kernel(const half* __restrict__ x, int x_stride, const int* __restrict
 
   const int np4 = Np >> 2;
   const int np8 = Np >> 3;
-  const int col4 = blockIdx.x * GEMV_THREADS + threadIdx.x;
+  const int col4 = block_x * GEMV_THREADS + threadIdx.x;
   const bool active = col4 < np4;
   float acc[M][4];
 #pragma unroll
@@ -230,20 +266,14 @@ exl2_gemv_kernel(const half* __restrict__ x, int x_stride, const int* __restrict
 }
 
 // Launch arguments shared by every row count; the kernel for M rows is instantiated in its own
-// translation unit (exl2_gemv_m*.cu) so the heavily unrolled code compiles in parallel.
+// translation unit (exl2_gemv_m*.cu) so the heavily unrolled code compiles in parallel. The batch-1
+// half2 gemv takes parts.p[0] (one matrix).
 struct GemvArgs {
   const half* x;
   int x_stride;
-  const int* perm;
-  const int4* qweight;
-  const uint32_t* qscale;
-  const float* step;
-  const int2* tiles;
-  const half* bias;
-  unsigned long long* acc_ws;
+  GemvParts parts;
   unsigned* counters;
-  half* out;
-  int out_stride, K, N, Np, num_tiles, tiles_per_chunk;
+  int K, num_tiles, tiles_per_chunk;
   dim3 grid;
   size_t smem;
   cudaStream_t stream;
@@ -251,9 +281,8 @@ struct GemvArgs {
 
 template <int M>
 void launch_gemv(const GemvArgs& a) {
-  exl2_gemv_kernel<M><<<a.grid, GEMV_THREADS, a.smem, a.stream>>>(
-      a.x, a.x_stride, a.perm, a.qweight, a.qscale, a.step, a.tiles, a.bias, a.acc_ws, a.counters, a.out,
-      a.out_stride, a.K, a.N, a.Np, a.num_tiles, a.tiles_per_chunk);
+  exl2_gemv_kernel<M><<<a.grid, GEMV_THREADS, a.smem, a.stream>>>(a.x, a.x_stride, a.parts, a.counters, a.K,
+                                                                  a.num_tiles, a.tiles_per_chunk);
 }
 
 #define KESTREL_INSTANTIATE_GEMV(MM) template void launch_gemv<MM>(const GemvArgs&);
