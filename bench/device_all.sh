@@ -51,9 +51,13 @@ step_speculative() {
   OUT=$R timeout 180 python3 bench/bench_speculative.py --target $FP16 --draft $MIXED --high $Q8 --low $B4 \
       --device cuda > $R/speculative.txt 2>&1
 }
-step_constrained() {
-  OUT=$R timeout 120 python3 bench/bench_constrained.py $FP16 --device cuda --tokens 200 --repeats 3 \
-      > $R/constrained.txt 2>&1
+step_constrained() {  # SmolLM2 fp16 and b4 EXL2 (the smallest step: the hardest case), then an 8B shape
+  [ -d /root/syn8b ] || python3 bench/synthetic_exl2.py /root/syn8b --shape llama3-8b --tokenizer-from $FP16 | tail -1
+  for m in $FP16 $B4 /root/syn8b; do
+    OUT=$R timeout 150 python3 bench/bench_constrained.py $m --device cuda --tokens 200 --repeats 3 \
+        >> $R/constrained.txt 2>&1
+    mv $R/constrained.json $R/constrained_$(basename $m).json 2>/dev/null
+  done
 }
 step_concurrency() {
   OUT=$R timeout 240 python3 bench/bench_server_concurrency.py $B4 --out $R/concurrency.json \

@@ -473,10 +473,15 @@ def test_regenerate_with_one_seed_gives_one_reply(smollm2_exl2_mixed, reference_
     settings = GenerationSettings(max_new_tokens=64, seed=11, samplers={"temperature": 1.0}, stop_on_eos=False)
     engine = Engine.load(smollm2_exl2_mixed, "cuda", backend="cuda", max_seq_len=1024)
     first, _ = engine.generator.generate(ids, settings)
-    for _ in range(3):
+    # several cache slots: the prompt is a small share of the first slot's tokens, so it counts as
+    # another conversation and is read afresh into a new slot
+    again, _ = engine.generator.generate(ids, settings)
+    assert engine.generator.last_prefill_tokens == len(ids)
+    assert again == first
+    engine.generator.set_cache_slots(1)  # one slot: the cached prompt, only its last token recomputed
+    for _ in range(2):
         again, last = engine.generator.generate(ids, settings)
-        assert last.prompt_tokens == len(ids)
-        assert engine.generator.last_prefill_tokens == 1  # the cached prompt: only its last token
+        assert last.prompt_tokens == len(ids) and engine.generator.last_prefill_tokens == 1
         assert again == first
 
 

@@ -165,9 +165,10 @@ class Constraint:
         self._lt = lt
         self.vocab_size = vocab_size
         self._bitmask = lt.allocate_token_bitmask(1, vocab_size)
-        self._pending: Future | None = None
         self._stopped = False
-        self._shifts: dict[Any, torch.Tensor] = {}
+        self._bit_tables: dict[Any, torch.Tensor] = {}
+        # the first mask is built while the prompt is read
+        self._pending: Future | None = _WORKER.submit(self._fill)
 
     @classmethod
     def from_settings(cls, tokenizer: Tokenizer, settings: Any, origin: str | None = None) -> Constraint | None:
@@ -201,11 +202,13 @@ class Constraint:
             raise GenerationError(f"constrained decoding stopped: {self._matcher.get_error()}",
                                   hint="Simplify the schema or regular expression.")
         device = logits.device
-        shifts = self._shifts.get(device)
-        if shifts is None:
-            shifts = self._shifts[device] = torch.arange(32, dtype=torch.int32, device=device)
-        words = self._bitmask[0].to(device)
-        allowed = ((words[:, None] >> shifts) & 1).bool().reshape(-1)
+        table = self._bit_tables.get(device)
+        if table is None:  # byte value -> its 8 bits, low bit first: one gather expands the mask
+            byte = torch.arange(256, dtype=torch.int32)
+            table = ((byte[:, None] >> torch.arange(8, dtype=torch.int32)) & 1).bool().to(device)
+            self._bit_tables[device] = table
+        # the words' bytes in memory order are the tokens' bits in order (little-endian int32)
+        allowed = table[self._bitmask[0].view(torch.uint8).to(device).long()].reshape(-1)
         n = logits.shape[-1]
         if allowed.numel() < n:  # model vocab padded past the tokenizer's: the extra ids never fit
             allowed = torch.cat([allowed, allowed.new_zeros(n - allowed.numel())])
