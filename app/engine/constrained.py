@@ -2,10 +2,11 @@
 
 A Constraint wraps one llguidance matcher for one request. Each step the generator asks it to mask
 the logits (tokens the grammar forbids become -inf, before Kestrel's samplers run), then tells it
-the sampled token. The next mask is computed on a worker thread right after advance(): llguidance
-releases the GIL, so the mask is built while the main thread launches the model's forward pass, and
-apply() only waits for it. When the grammar is complete (a JSON object's closing brace), is_complete
-turns true and the generator stops as if EOS had been sampled.
+the sampled token. The mask is computed when apply() is called, which is after the generator has
+launched the model's next step: the GPU is still running it, so the mask costs no time of its own
+(a worker thread did this before, and its hand-offs cost more than the mask). When the grammar is
+complete (a JSON object's closing brace), is_complete turns true and the generator stops as if EOS
+had been sampled.
 
 Why llguidance: docs/CONSTRAINED.md (bench/compare_constrained.py) - it compiles every schema of our
 set in about a millisecond and covers all of them; outlines-core takes seconds to minutes per schema
@@ -19,7 +20,6 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from .errors import GenerationError
@@ -40,7 +40,6 @@ class ConstraintError(GenerationError):
 
 _TOKENIZERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 _TOKENIZERS_LOCK = threading.Lock()
-_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kestrel-mask")
 MAX_REDRAWS = 16  # draws per step before a refused token ends the request
 log = logging.getLogger(__name__)
 
@@ -167,8 +166,6 @@ class Constraint:
         self._bitmask = lt.allocate_token_bitmask(1, vocab_size)
         self._stopped = False
         self._bit_tables: dict[Any, torch.Tensor] = {}
-        # the first mask is built while the prompt is read
-        self._pending: Future | None = _WORKER.submit(self._fill)
 
     @classmethod
     def from_settings(cls, tokenizer: Tokenizer, settings: Any, origin: str | None = None) -> Constraint | None:
@@ -186,18 +183,11 @@ class Constraint:
     def _fill(self) -> None:
         self._lt.fill_next_token_bitmask(self._matcher, self._bitmask)
 
-    def _wait(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
-        else:
-            self._fill()
-
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """Return `logits` (one row) with every token the grammar forbids set to -inf."""
         import torch
 
-        self._wait()
+        self._fill()
         if self._matcher.is_error():  # its mask would be meaningless: stop with llguidance's reason
             raise GenerationError(f"constrained decoding stopped: {self._matcher.get_error()}",
                                   hint="Simplify the schema or regular expression.")
@@ -229,26 +219,17 @@ class Constraint:
                               hint="Simplify the schema or regular expression.")
 
     def advance(self, token: int) -> None:
-        """Follow the sampled token and start computing the next mask in the background."""
-        self._drop_pending()  # a mask still being built for a step whose logits were never asked for
+        """Follow the sampled token (the next mask is built by the next apply())."""
         if not self._matcher.consume_token(int(token)):
             raise GenerationError(f"the grammar refused token {token}: {self._matcher.get_error()}",
                                   hint="This is a bug in constrained decoding; please report it.")
         self._stopped = bool(self._matcher.is_stopped())
-        if not self._stopped:  # the matcher is busy on the worker until _wait(): touch nothing else
-            self._pending = _WORKER.submit(self._fill)
 
     def rollback(self, count: int) -> None:
         """Undo the last `count` tokens (banned-string rollback)."""
-        self._drop_pending()
         if count and not self._matcher.rollback(count):
             raise GenerationError(f"the grammar could not roll back {count} tokens: {self._matcher.get_error()}")
         self._stopped = bool(self._matcher.is_stopped())
-
-    def _drop_pending(self) -> None:
-        if self._pending is not None:
-            self._pending.result()
-            self._pending = None
 
     @property
     def is_complete(self) -> bool:
@@ -257,8 +238,7 @@ class Constraint:
 
     @property
     def is_accepting(self) -> bool:
-        self._drop_pending()
         return bool(self._matcher.is_accepting())
 
     def close(self) -> None:
-        self._drop_pending()
+        """Nothing is held between steps; kept so callers need not know that."""
