@@ -159,11 +159,14 @@ class Constraint:
 
     def __init__(self, matcher: Any, vocab_size: int) -> None:
         import llguidance.torch as lt
+        import torch
 
         self._matcher = matcher
         self._lt = lt
         self.vocab_size = vocab_size
         self._bitmask = lt.allocate_token_bitmask(1, vocab_size)
+        self._index = torch.empty(self._bitmask.shape[1] * 4, dtype=torch.int32,
+                                  pin_memory=self._bitmask.is_pinned())
         self._stopped = False
         self._bit_tables: dict[Any, torch.Tensor] = {}
 
@@ -193,16 +196,19 @@ class Constraint:
                                   hint="Simplify the schema or regular expression.")
         device = logits.device
         table = self._bit_tables.get(device)
-        if table is None:  # byte value -> its 8 bits, low bit first: one gather expands the mask
+        if table is None:  # byte value -> which of its 8 bits are clear (low bit first): one gather
             byte = torch.arange(256, dtype=torch.int32)
-            table = ((byte[:, None] >> torch.arange(8, dtype=torch.int32)) & 1).bool().to(device)
+            table = ((byte[:, None] >> torch.arange(8, dtype=torch.int32)) & 1).eq(0).to(device)
             self._bit_tables[device] = table
-        # the words' bytes in memory order are the tokens' bits in order (little-endian int32)
-        allowed = table[self._bitmask[0].view(torch.uint8).to(device).long()].reshape(-1)
+        # the words' bytes in memory order are the tokens' bits in order (little-endian int32); as
+        # int32 indices in pinned memory they go to the GPU without a host sync (the sampler's sync
+        # comes after, so the buffer is free again by the next step)
+        self._index.copy_(self._bitmask[0].view(torch.uint8))
+        forbidden = table[self._index.to(device, non_blocking=True)].reshape(-1)
         n = logits.shape[-1]
-        if allowed.numel() < n:  # model vocab padded past the tokenizer's: the extra ids never fit
-            allowed = torch.cat([allowed, allowed.new_zeros(n - allowed.numel())])
-        return logits.masked_fill(~allowed[:n], float("-inf"))
+        if forbidden.numel() < n:  # model vocab padded past the tokenizer's: the extra ids never fit
+            forbidden = torch.cat([forbidden, forbidden.new_ones(n - forbidden.numel())])
+        return logits.masked_fill(forbidden[:n], float("-inf"))
 
     def pick(self, logits: torch.Tensor, draw: Callable[[torch.Tensor], int]) -> int:
         """draw() over the masked logits, checked against the parser itself: a token the bitmask let
