@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 SCHEMA_DIR = ROOT / "tests" / "data" / "schemas"
 DEFAULT_FOLDER = Path.home() / ".cache" / "kestrel-test" / "smollm2-fp16"
 
@@ -158,39 +159,23 @@ class LLGuidance(Lib):
         return state.is_accepting()
 
 
-def gpt2_byte_decoder() -> dict[str, int]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
-        + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
 class OutlinesCore(Lib):
     name = "outlines-core"
 
     def setup(self, folder: Path) -> None:
         import outlines_core
         from outlines_core.json_schema import build_regex_from_schema
-        from tokenizers import Tokenizer
+
+        from app.engine.tokenizer import Tokenizer
         self.oc = outlines_core
         self.build_regex = build_regex_from_schema
-        hf = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        dec = gpt2_byte_decoder()
-        special = {t.content for t in hf.get_added_tokens_decoder().values() if t.special}
+        tok = Tokenizer.from_folder(str(folder))
         table: dict[bytes, list[int]] = {}
-        for text, i in hf.get_vocab(with_added_tokens=True).items():
-            if text in special:
-                continue
-            key = bytes(dec[c] for c in text) if all(c in dec for c in text) else text.encode()
-            table.setdefault(key, []).append(i)
+        for i in range(tok.vocab_size):
+            if i not in tok.special_ids:
+                table.setdefault(tok.token_bytes(i), []).append(i)
         self.vocab = outlines_core.Vocabulary(2, table)
-        self.bitmask = torch.zeros(1, (hf.get_vocab_size() + 31) // 32, dtype=torch.int32)
+        self.bitmask = torch.zeros(1, (tok.vocab_size + 31) // 32, dtype=torch.int32)
 
     def compile(self, schema: dict) -> object:
         return self.oc.Index(self.build_regex(json.dumps(schema)), self.vocab)
