@@ -167,6 +167,7 @@ class Constraint:
         self._bitmask = lt.allocate_token_bitmask(1, vocab_size)
         self._index = torch.empty(self._bitmask.shape[1] * 4, dtype=torch.int32,
                                   pin_memory=self._bitmask.is_pinned())
+        self._copied: torch.cuda.Event | None = None  # the last copy of _index to the GPU
         self._stopped = False
         self._bit_tables: dict[Any, torch.Tensor] = {}
 
@@ -203,8 +204,14 @@ class Constraint:
         # the words' bytes in memory order are the tokens' bits in order (little-endian int32); as
         # int32 indices in pinned memory they go to the GPU without a host sync (the sampler's sync
         # comes after, so the buffer is free again by the next step)
+        if self._copied is not None:  # normally long done: the sampler has synced since
+            self._copied.synchronize()
         self._index.copy_(self._bitmask[0].view(torch.uint8))
-        forbidden = table[self._index.to(device, non_blocking=True)].reshape(-1)
+        index = self._index.to(device, non_blocking=True)
+        if device.type == "cuda":
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        forbidden = table[index].reshape(-1)
         n = logits.shape[-1]
         if forbidden.numel() < n:  # model vocab padded past the tokenizer's: the extra ids never fit
             forbidden = torch.cat([forbidden, forbidden.new_ones(n - forbidden.numel())])
