@@ -209,7 +209,7 @@ class Constraint:
         self._index.copy_(self._bitmask[0].view(torch.uint8))
         index = self._index.to(device, non_blocking=True)
         if device.type == "cuda":
-            self._copied = torch.cuda.Event()
+            self._copied = self._copied or torch.cuda.Event()
             self._copied.record()
         forbidden = table[index].reshape(-1)
         n = logits.shape[-1]

@@ -259,14 +259,7 @@ class Tokenizer:
 
     def token_to_piece(self, token_id: int) -> str:
         """The text one token stands for, keeping its leading space (for token-by-token displays)."""
-        self._check_ids([token_id])
-        raw = self._hf.id_to_token(token_id)
-        if raw is None:
-            return ""
-        piece = self._piece_bytes(raw)
-        if piece is None:
-            return self._hf.decode([token_id], skip_special_tokens=False)
-        return piece.decode("utf-8", errors="replace")
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
 
     def token_bytes(self, token_id: int) -> bytes:
         """The exact bytes one token adds to the text (a byte-level token may hold part of a UTF-8
@@ -275,13 +268,6 @@ class Tokenizer:
         raw = self._hf.id_to_token(token_id)
         if raw is None:
             return b""
-        piece = self._piece_bytes(raw)
-        if piece is None:
-            return self._hf.decode([token_id], skip_special_tokens=False).encode("utf-8")
-        return piece
-
-    def _piece_bytes(self, raw: str) -> bytes | None:
-        """Bytes of a vocabulary entry by the tokenizer's kind; None where only the decoder knows."""
         if raw in self.added_tokens:
             return raw.encode("utf-8")
         if self.kind == "byte_level":
@@ -292,7 +278,7 @@ class Tokenizer:
             if match := _BYTE_PIECE.match(raw):
                 return bytes([int(match.group(1), 16)])
             return raw.replace("\u2581", " ").encode("utf-8")
-        return None
+        return self._hf.decode([token_id], skip_special_tokens=False).encode("utf-8")  # only the decoder knows
 
     def stream_decoder(self, *, skip_special: bool = True) -> StreamDecoder:
         return StreamDecoder(self, skip_special=skip_special)
